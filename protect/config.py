@@ -1,0 +1,116 @@
+"""Method configuration: dataclass defaults < ``configs/<method>.yaml`` < ``--set key=value``.
+
+Unknown keys are errors at every level, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says which key and why."""
+
+
+def parse_number(value: Any) -> float:
+    """Accept floats, ints and fractions written as text (``"8/255"``)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        numerator, slash, denominator = value.strip().partition("/")
+        if slash:
+            return float(numerator) / float(denominator)
+        return float(numerator)
+    raise ValueError(f"expected a number, got {value!r}")
+
+
+def _coerce(field: dataclasses.Field, value: Any, hints: dict[str, Any]) -> Any:
+    kind = hints[field.name]
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None:
+            return None
+        kind = options[0]
+    if kind is float:
+        return parse_number(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"expected text, got {value!r}")
+        return value
+    return value
+
+
+def config_path_for(method: str) -> Path:
+    return CONFIG_DIR / f"{method}.yaml"
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["steps=20", "eps=8/255"]`` into a dict, values typed as YAML scalars."""
+    result: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        result[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return result
+
+
+def build_config(config_cls: type, *layers: tuple[str, dict[str, Any]]) -> Any:
+    """Apply each ``(source, values)`` layer in order over the dataclass defaults."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
+    values: dict[str, Any] = {}
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key not in fields:
+                valid = ", ".join(sorted(fields))
+                raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {valid}")
+            try:
+                values[key] = _coerce(fields[key], value, hints)
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {key}: {exc}") from None
+    config = config_cls(**values)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

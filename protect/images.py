@@ -1,0 +1,237 @@
+"""Reading and writing image folders without ever touching the originals.
+
+Inputs are read recursively, EXIF orientation applied and any mode brought to 8-bit RGB (plus
+an 8-bit alpha channel when the image has one). Outputs are written atomically: to a temporary
+file in the destination folder, flushed to disk, then renamed over the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+
+# Output formats: (Pillow format name, file suffix, lossless?, save options)
+OUTPUT_FORMATS: dict[str, tuple[str, str, bool, dict]] = {
+    "png": ("PNG", ".png", True, {"compress_level": 6}),
+    "tiff": ("TIFF", ".tiff", True, {"compression": "tiff_lzw"}),
+    "webp": ("WEBP", ".webp", True, {"lossless": True, "quality": 100}),
+    "jpeg": ("JPEG", ".jpg", False, {"quality": 95}),
+}
+
+
+class ImageReadError(Exception):
+    """An input file could not be used; the message names the file and the reason."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One input image: where it is, its path relative to the input root and its label."""
+
+    path: Path
+    relpath: PurePosixPath
+    label: str | None
+
+
+@dataclass
+class FolderScan:
+    """The images found under a root, whether they carry ImageFolder labels, and what was skipped."""
+
+    root: Path
+    entries: list[ImageEntry]
+    labelled: bool
+    classes: list[str]
+    not_images: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class LoadedImage:
+    """An image as the methods see it: uint8 HxWx3 RGB, optional uint8 HxW alpha."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    icc_profile: bytes | None
+    sha256: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[1], self.rgb.shape[0]
+
+
+def scan_folder(root: Path) -> FolderScan:
+    """List the images under ``root`` recursively, sorted by relative path.
+
+    The folder is labelled (ImageFolder layout) when every image sits inside a first-level
+    subfolder; the subfolder name is then its label. Otherwise it is treated as unlabelled.
+    Files whose suffix is not an image suffix are listed in ``not_images`` and left alone.
+    """
+    root = Path(root)
+    images: list[tuple[PurePosixPath, Path]] = []
+    not_images: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            rel = PurePosixPath(path.relative_to(root).as_posix())
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                images.append((rel, path))
+            else:
+                not_images.append(path)
+    images.sort(key=lambda item: str(item[0]))
+    labelled = bool(images) and all(len(rel.parts) >= 2 for rel, _ in images)
+    entries = [ImageEntry(path, rel, rel.parts[0] if labelled else None) for rel, path in images]
+    classes = sorted({e.label for e in entries if e.label is not None})
+    return FolderScan(root=root, entries=entries, labelled=labelled, classes=classes, not_images=not_images)
+
+
+def _sixteen_bit_to_rgb(image: Image.Image) -> np.ndarray:
+    values = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if values.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
+    gray = np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _to_rgb_alpha(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Bring any Pillow mode to uint8 RGB plus optional alpha, saying what was converted."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image).copy(), None, []
+    if mode == "RGBA":
+        arr = np.asarray(image)
+        return arr[:, :, :3].copy(), arr[:, :, 3].copy(), []
+    if mode in ("L", "1"):
+        return np.asarray(image.convert("RGB")).copy(), None, []
+    if mode in ("LA", "La", "RGBa", "PA"):
+        arr = np.asarray(image.convert("RGBA"))
+        return arr[:, :, :3].copy(), arr[:, :, 3].copy(), []
+    if mode == "P":
+        has_alpha = "transparency" in image.info
+        arr = np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+        note = "palette image expanded to RGB" + ("A" if has_alpha else "")
+        return arr[:, :, :3].copy(), (arr[:, :, 3].copy() if has_alpha else None), [note]
+    if mode == "CMYK":
+        return np.asarray(image.convert("RGB")).copy(), None, ["CMYK image converted to RGB"]
+    if mode.startswith("I;16") or mode == "I":
+        return _sixteen_bit_to_rgb(image), None, [f"{mode} (high bit depth) image reduced to 8-bit RGB"]
+    if mode in ("YCbCr", "LAB", "HSV"):
+        return np.asarray(image.convert("RGB")).copy(), None, [f"{mode} image converted to RGB"]
+    raise ValueError(f"unsupported pixel mode {mode!r}")
+
+
+def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Decode one image file fully, or raise :class:`ImageReadError` naming it and the reason."""
+    path = Path(path)
+    try:
+        # Hash and decode the same bytes, so the manifest describes exactly what was protected.
+        data = path.read_bytes()
+        if not data:
+            raise ImageReadError(path, "empty file (0 bytes)")
+        digest = hashlib.sha256(data).hexdigest()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in ACCEPTED_FORMATS:
+                    raise ImageReadError(path, f"unsupported image format {image.format}")
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageReadError(
+                        path,
+                        f"too large: {width}x{height} = {width * height:,} pixels exceeds the limit of "
+                        f"{max_pixels:,} (possible decompression bomb; raise it with --max-pixels)",
+                    )
+                image.load()
+                icc = image.info.get("icc_profile")
+                upright = ImageOps.exif_transpose(image)
+                rgb, alpha, notes = _to_rgb_alpha(upright)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not a recognised image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(path, f"too large (possible decompression bomb): {exc}") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "cannot be read: it is a directory") from None
+    except FileNotFoundError:
+        raise ImageReadError(path, "cannot be read: file not found (broken link?)") from None
+    except PermissionError:
+        raise ImageReadError(path, "cannot be read: permission denied") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from None
+    if "CMYK image converted to RGB" in notes:
+        icc = None  # a CMYK profile does not describe the RGB pixels we write
+    return LoadedImage(rgb=rgb, alpha=alpha, icc_profile=icc, sha256=digest, notes=notes)
+
+
+def output_relpath(relpath: PurePosixPath, suffix: str, taken: set[PurePosixPath]) -> PurePosixPath:
+    """The output path for an input: same folders and stem, new suffix; never a clash.
+
+    ``a.jpg`` and ``a.png`` in one folder would both become ``a.png``; the later one keeps its
+    full name instead (``a.png.png``)."""
+    candidate = relpath.with_suffix(suffix)
+    if candidate in taken:
+        candidate = relpath.with_name(relpath.name + suffix)
+    taken.add(candidate)
+    return candidate
+
+
+def save_image_atomic(
+    path: Path, rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, icc_profile: bytes | None = None
+) -> None:
+    """Encode and write an image so that ``path`` is either absent or complete, never partial."""
+    pil_format, _, _, options = OUTPUT_FORMATS[fmt]
+    if alpha is not None and pil_format != "JPEG":
+        image = Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA")
+    else:
+        image = Image.fromarray(rgb, mode="RGB")
+    save_options = dict(options)
+    if icc_profile:
+        save_options["icc_profile"] = icc_profile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            image.save(handle, format=pil_format, **save_options)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file atomically (temporary file + rename)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
