@@ -1,0 +1,191 @@
+"""The interface every noise generator implements, and the registry that names them.
+
+A generator is configured by a dataclass (defaults from ``configs/<name>.yaml``), may ``fit``
+over a dataset at the working resolution, and returns a perturbation for a batch with
+``perturb``. The shared :func:`bounded_perturbation` step projects it onto the budget; nobody
+overrides that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, TypeVar
+
+import torch
+
+from protect.budget import project_to_valid
+from protect.config import ConfigError, build_config, config_path_for, read_yaml
+from protect.progress import Reporter
+
+
+@dataclass
+class MethodConfig:
+    """Settings every method has.
+
+    eps: L-inf budget in [0,1] pixel units (8/255 unless the method's paper says otherwise).
+    resolution: working resolution (pixels, square) at which noise is optimised; noise is
+        mapped back to each image's own size.
+    batch_size: images per optimisation batch.
+    precision: ``auto`` (bf16 autocast where the device supports it), ``bf16`` or ``fp32``.
+    """
+
+    eps: float = 8 / 255
+    resolution: int = 32
+    batch_size: int = 512
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps must be in (0, 1), e.g. 8/255; got {self.eps}")
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be at least 8 pixels; got {self.resolution}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive; got {self.batch_size}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32; got {self.precision!r}")
+
+
+@dataclass
+class Batch:
+    """A batch at the working resolution.
+
+    images: float32 (N, 3, R, R) in [0, 1]; labels: int64 (N,) or None;
+    indices: int64 (N,) positions in the dataset the generator was fitted on.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    indices: torch.Tensor
+
+
+class Generator(ABC):
+    """Base class of all noise generators. Subclasses set ``name``, ``config_class`` and
+    ``needs_labels`` and implement :meth:`perturb`; :meth:`fit` is optional."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_labels: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: MethodConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.seed = seed
+
+    def fit(self, images: torch.Tensor, labels: torch.Tensor | None, reporter: Reporter | None = None) -> None:
+        """Learn whatever the method needs from the dataset.
+
+        images: uint8 (N, 3, R, R) at the working resolution; labels: int64 (N,) or None.
+        """
+
+    @abstractmethod
+    def perturb(self, batch: Batch) -> torch.Tensor:
+        """Return float32 (N, 3, R, R) perturbations for ``batch`` (before projection)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors that, loaded into a fresh generator with the same config, reproduce ``perturb``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        precision = self.config.precision
+        if precision == "fp32":
+            return None
+        if precision == "bf16":
+            return torch.bfloat16
+        if self.device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if self.device.type == "cpu" else None
+
+    def autocast(self) -> torch.autocast:
+        dtype = self.autocast_dtype
+        return torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def bounded_perturbation(generator: Generator, batch: Batch) -> torch.Tensor:
+    """The perturbation of ``batch`` projected onto the eps ball and the [0, 1] pixel range."""
+    delta = generator.perturb(batch).to(batch.images.device, torch.float32)
+    return project_to_valid(batch.images, delta, generator.config.eps)
+
+
+_REGISTRY: dict[str, type[Generator]] = {}
+G = TypeVar("G", bound=type[Generator])
+
+
+def register(name: str) -> Callable[[G], G]:
+    """Class decorator: make a generator available under ``name``."""
+
+    def decorate(cls: G) -> G:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def _import_methods() -> None:
+    import protect.methods as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+def available_methods() -> dict[str, type[Generator]]:
+    """Every registered method, by name."""
+    _import_methods()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def method_class(name: str) -> type[Generator]:
+    methods = available_methods()
+    if name not in methods:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(methods)}")
+    return methods[name]
+
+
+def resolve_config(
+    name: str,
+    *,
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    eps: float | None = None,
+) -> MethodConfig:
+    """The config for method ``name``: defaults < its YAML < ``config_file`` < overrides < eps."""
+    cls = method_class(name)
+    default_yaml = config_path_for(name)
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if default_yaml.exists():
+        layers.append((str(default_yaml), read_yaml(default_yaml)))
+    if config_file is not None:
+        layers.append((str(config_file), read_yaml(config_file)))
+    if overrides:
+        layers.append(("--set", overrides))
+    if eps is not None:
+        layers.append(("--eps", {"eps": eps}))
+    return build_config(cls.config_class, *layers)
+
+
+def create_generator(
+    name: str, config: MethodConfig | None = None, *, device: torch.device | str = "cpu", seed: int = 0
+) -> Generator:
+    """Instantiate a registered method (with its resolved default config when none is given)."""
+    cls = method_class(name)
+    if config is None:
+        config = resolve_config(name)
+    if not isinstance(config, cls.config_class):
+        raise ConfigError(f"{name} expects a {cls.config_class.__name__}, got {type(config).__name__}")
+    return cls(config, device=device, seed=seed)
+
+
+def describe_fields(config_class: type[MethodConfig]) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_class)]

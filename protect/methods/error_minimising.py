@@ -1,0 +1,240 @@
+"""Error-minimising noise: Huang et al., "Unlearnable Examples: Making Personal Data
+Unexploitable", ICLR 2021 (arXiv:2101.04898).
+
+Bi-level min-min optimisation: alternately (a) train a surrogate classifier for a few steps on
+the noisy data and (b) run PGD that *minimises* its loss with respect to the noise, under an
+L-inf budget (eps 8/255). The data become "too easy": the shortcut carried by the noise is
+learned instead of the image content. Stops once the surrogate's error on the noisy training
+data falls to ``stop_error``.
+
+- ``em-samplewise``: one noise per image (20 PGD steps of 0.8/255 per noise pass).
+- ``em-classwise``: one noise per class; each batch takes one PGD step from the class noise and
+  the class noise becomes the mean of its batch members' perturbations.
+Defaults follow the official code (HanxunH/Unlearnable-Examples); see ``configs/em-*.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from protect.budget import project_linf, signed_gradient_step
+from protect.generator import Batch, Generator, MethodConfig, register
+from protect.progress import NullReporter, Reporter
+from protect.surrogates import SURROGATES, build_surrogate
+
+
+@dataclass
+class ErrorMinimisingConfig(MethodConfig):
+    """surrogate: ``small-cnn`` (CPU default) or ``resnet18`` (official).
+    steps / step_size: PGD steps per batch in each noise pass, and their L-inf step.
+    train_steps: surrogate SGD steps between noise passes.
+    stop_error: stop once the surrogate's error on the noisy data is at most this.
+    max_rounds: give up (with a warning) after this many train+noise rounds.
+    lr / momentum / weight_decay: surrogate SGD settings.
+    pseudo_label_k: clusters used as labels when the input folder has none.
+    """
+
+    surrogate: str = "small-cnn"
+    steps: int = 20
+    step_size: float = 0.8 / 255
+    train_steps: int = 10
+    stop_error: float = 0.01
+    max_rounds: int = 50
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    pseudo_label_k: int = 10
+
+    def validate(self) -> None:
+        super().validate()
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {', '.join(SURROGATES)}; got {self.surrogate!r}")
+        if self.steps < 1 or self.train_steps < 0 or self.max_rounds < 1:
+            raise ValueError("steps and max_rounds must be >= 1, train_steps >= 0")
+        if not 0 <= self.stop_error < 1:
+            raise ValueError(f"stop_error must be in [0, 1); got {self.stop_error}")
+        if self.pseudo_label_k < 2:
+            raise ValueError(f"pseudo_label_k must be at least 2; got {self.pseudo_label_k}")
+
+
+def min_min_pgd(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    start: torch.Tensor,
+    *,
+    steps: int,
+    step_size: float,
+    eps: float,
+    autocast: torch.autocast,
+) -> torch.Tensor:
+    """PGD that descends the classification loss: the inner minimisation of min-min.
+
+    images: float (N,3,H,W) in [0,1]; start: initial perturbation. Returns a perturbation in
+    the eps ball (not clipped to the pixel range, so class-wise averages stay unbiased)."""
+    delta = start
+    for _ in range(steps):
+        noisy = (images + delta).clamp(0, 1).requires_grad_(True)
+        with autocast:
+            loss = F.cross_entropy(model(noisy), labels)
+        (grad,) = torch.autograd.grad(loss, noisy)
+        stepped = signed_gradient_step(noisy.detach(), grad, step_size, descend=True)
+        delta = project_linf(stepped - images, eps)
+    return delta.detach()
+
+
+class _MinMin(Generator):
+    """The shared min-min loop; subclasses say how noise is stored and updated."""
+
+    config_class = ErrorMinimisingConfig
+    needs_labels = True
+    shuffle_noise_pass: bool = True
+
+    def __init__(self, config: ErrorMinimisingConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        super().__init__(config, device=device, seed=seed)
+        self.noise: torch.Tensor | None = None
+        self.rounds_run = 0
+        self.final_error: float | None = None
+        self.converged = False
+
+    # storage --------------------------------------------------------------------------
+    def _init_noise(self, n_images: int, n_classes: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _noise_for(self, indices: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _store(self, indices: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    # the loop -------------------------------------------------------------------------
+    def fit(self, images: torch.Tensor, labels: torch.Tensor | None, reporter: Reporter | None = None) -> None:
+        if labels is None:
+            raise ValueError(f"{self.name} needs labels (or pseudo-labels) to fit")
+        reporter = reporter or NullReporter()
+        cfg: ErrorMinimisingConfig = self.config
+        gen = torch.Generator().manual_seed(self.seed)
+        n_classes = int(labels.max()) + 1
+        x_all = images.float().div(255)
+        y_all = labels.long()
+        self.noise = self._init_noise(len(images), n_classes, tuple(images.shape[1:]), gen)
+        model = build_surrogate(cfg.surrogate, n_classes, device=self.device, seed=self.seed)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        train_order = self._batches(len(images), gen, shuffle=True)
+        for round_index in range(1, cfg.max_rounds + 1):
+            train_order = self._train_surrogate(model, optimizer, x_all, y_all, train_order, gen)
+            n_batches = -(-len(images) // cfg.batch_size)
+            with reporter.phase(f"{self.name}: round {round_index} noise pass", total=n_batches) as phase:
+                for idx in next(self._batches(len(images), gen, shuffle=self.shuffle_noise_pass)):
+                    self._noise_pass_batch(model, x_all, y_all, idx)
+                    phase.advance()
+                error = self._error_on_noisy_data(model, x_all, y_all)
+                phase.describe(f"{self.name}: round {round_index}: surrogate error on noisy data {error:.4f}")
+            self.rounds_run, self.final_error = round_index, error
+            if error <= cfg.stop_error:
+                self.converged = True
+                return
+        reporter.message(
+            f"{self.name}: stopped after max_rounds={cfg.max_rounds} with surrogate error {self.final_error:.4f} "
+            f"(target {cfg.stop_error}); raise max_rounds for a stronger shortcut",
+            level="warning",
+        )
+
+    def _batches(self, n: int, gen: torch.Generator, *, shuffle: bool):
+        """An endless iterator of epochs, each a list of index batches."""
+        while True:
+            order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+            yield list(order.split(self.config.batch_size))
+
+    def _train_surrogate(self, model, optimizer, x_all, y_all, train_order, gen):
+        cfg: ErrorMinimisingConfig = self.config
+        model.train().requires_grad_(True)
+        pending = getattr(self, "_pending_batches", [])
+        for _ in range(cfg.train_steps):
+            if not pending:
+                pending = next(train_order)
+            idx = pending.pop(0)
+            x, y = self._noisy(x_all, y_all, idx)
+            with self.autocast():
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        self._pending_batches = pending
+        return train_order
+
+    def _noisy(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x_all[idx].to(self.device)
+        y = y_all[idx].to(self.device)
+        delta = self._noise_for(idx, y_all[idx]).to(self.device)
+        noisy = (x + delta).clamp(0, 1).contiguous(memory_format=torch.channels_last)
+        return noisy, y
+
+    def _noise_pass_batch(self, model, x_all, y_all, idx) -> None:
+        cfg: ErrorMinimisingConfig = self.config
+        model.eval().requires_grad_(False)
+        x = x_all[idx].to(self.device).contiguous(memory_format=torch.channels_last)
+        y = y_all[idx].to(self.device)
+        start = self._noise_for(idx, y_all[idx]).to(self.device)
+        delta = min_min_pgd(
+            model, x, y, start, steps=cfg.steps, step_size=cfg.step_size, eps=cfg.eps, autocast=self.autocast()
+        )
+        self._store(idx, y_all[idx], delta.float().cpu())
+
+    @torch.no_grad()
+    def _error_on_noisy_data(self, model, x_all, y_all) -> float:
+        model.eval()
+        wrong = 0
+        for idx in torch.arange(len(x_all)).split(self.config.batch_size):
+            x, y = self._noisy(x_all, y_all, idx)
+            with self.autocast():
+                wrong += int((model(x).argmax(1) != y).sum())
+        return wrong / len(x_all)
+
+    def perturb(self, batch: Batch) -> torch.Tensor:
+        if self.noise is None:
+            raise RuntimeError(f"{self.name}: call fit() (or load_state_dict()) before perturb()")
+        if batch.labels is None:
+            raise ValueError(f"{self.name}: perturb() needs the labels the noise was fitted with")
+        return self._noise_for(batch.indices.cpu(), batch.labels.cpu()).to(batch.images.device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.noise is None else {"noise": self.noise}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.noise = state["noise"].float()
+
+
+@register("em-samplewise")
+class SampleWiseErrorMinimising(_MinMin):
+    summary = "Error-minimising noise, one per image (Huang et al., ICLR 2021)."
+    shuffle_noise_pass = False
+
+    def _init_noise(self, n_images, n_classes, shape, gen):
+        return (torch.rand((n_images, *shape), generator=gen) * 2 - 1) * self.config.eps
+
+    def _noise_for(self, indices, labels):
+        return self.noise[indices]
+
+    def _store(self, indices, labels, delta):
+        self.noise[indices] = delta
+
+
+@register("em-classwise")
+class ClassWiseErrorMinimising(_MinMin):
+    summary = "Error-minimising noise, one per class (Huang et al., ICLR 2021)."
+
+    def _init_noise(self, n_images, n_classes, shape, gen):
+        return (torch.rand((n_classes, *shape), generator=gen) * 2 - 1) * self.config.eps
+
+    def _noise_for(self, indices, labels):
+        return self.noise[labels]
+
+    def _store(self, indices, labels, delta):
+        for cls in labels.unique():
+            members = labels == cls
+            self.noise[cls] = project_linf(delta[members].mean(dim=0), self.config.eps)
