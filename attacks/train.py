@@ -1,0 +1,126 @@
+"""One training loop for every victim (airbench-style: data as tensors, batched augmentation)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attacks.data import ImageSet
+
+
+@dataclass
+class TrainConfig:
+    """SGD with Nesterov momentum and a one-cycle schedule (protocol P0 victim settings)."""
+
+    epochs: int = 15
+    batch_size: int = 512
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    augment: bool = True  # random crop (pad 4, reflect) + horizontal flip
+    precision: str = "auto"  # auto = bf16 autocast on CPU and on bf16-capable GPUs
+
+
+@dataclass
+class TrainResult:
+    test_accuracy: list[float] = field(default_factory=list)  # after each epoch, in [0, 1]
+    train_accuracy: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> float:
+        return self.test_accuracy[-1]
+
+    @property
+    def peak(self) -> float:
+        return max(self.test_accuracy)
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Per-sample random crop after reflect padding, and random horizontal flip, on a batch."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None]).view(n, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None]).view(n, 1, 1, w)
+    c = x.shape[1]
+    cropped = padded.gather(2, rows.expand(n, c, h, w + 2 * pad)).gather(3, cols.expand(n, c, h, w))
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped)
+
+
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()))
+    )
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, *, device: torch.device, precision: str = "auto", batch_size: int = 1000) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        x = data.images[start : start + batch_size].to(device).float().div(255)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, precision):
+            pred = model(x).argmax(1)
+        correct += int((pred.cpu() == data.labels[start : start + batch_size]).sum())
+    return correct / len(data)
+
+
+def train_classifier(
+    model: nn.Module,
+    train: ImageSet,
+    test: ImageSet,
+    config: TrainConfig,
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> TrainResult:
+    """Train ``model`` on ``train`` and record clean test accuracy after every epoch."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    model = model.to(device=device, memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, momentum=config.momentum, nesterov=True,
+    )
+    steps_per_epoch = -(-len(train) // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.25,
+        anneal_strategy="linear", cycle_momentum=False,
+    )
+    result = TrainResult()
+    started = time.perf_counter()
+    for _ in range(config.epochs):
+        model.train()
+        correct = 0
+        for idx in torch.randperm(len(train), generator=gen).split(config.batch_size):
+            x = train.images[idx].to(device).float().div(255)
+            y = train.labels[idx].to(device)
+            if config.augment:
+                x = random_crop_flip(x, gen)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, config.precision):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            correct += int((logits.argmax(1) == y).sum())
+        result.train_accuracy.append(correct / len(train))
+        result.test_accuracy.append(evaluate(model, test, device=device, precision=config.precision))
+    result.seconds = time.perf_counter() - started
+    return result
