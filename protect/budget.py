@@ -35,17 +35,20 @@ def signed_gradient_step(delta: torch.Tensor, grad: torch.Tensor, step_size: flo
     return delta + direction * step_size * grad.sign()
 
 
-def apply_perturbation_uint8(image: np.ndarray, delta: np.ndarray, eps: float) -> np.ndarray:
-    """Add a float perturbation (in [0,1] units, HxWx3) to a uint8 HxWx3 image.
+def perturb_uint8(images: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Add a float perturbation (in [0,1] units) to uint8 images of the same shape.
 
-    The result is rounded to 8 bits and clipped to [0, 255]; the difference to the original is
-    then clipped to ``round(eps*255)`` levels, so the budget holds exactly on the written pixels.
+    The step is rounded to 8-bit levels and clipped to ``round(eps*255)`` levels, then the sum
+    to [0, 255], so the budget holds exactly on the written pixels.
     """
     levels = budget_in_levels(eps)
-    original = image.astype(np.int16)
-    step = np.rint(delta.astype(np.float32) * 255.0).astype(np.int16)
-    step = np.clip(step, -levels, levels)
-    out = np.clip(original + step, 0, 255).astype(np.uint8)
+    step = torch.round(delta.float() * 255.0).clamp(-levels, levels).to(torch.int16)
+    return (images.to(torch.int16) + step).clamp(0, 255).to(torch.uint8)
+
+
+def apply_perturbation_uint8(image: np.ndarray, delta: np.ndarray, eps: float) -> np.ndarray:
+    """:func:`perturb_uint8` for one HxWx3 numpy image, with the budget re-checked."""
+    out = perturb_uint8(torch.from_numpy(image), torch.from_numpy(np.ascontiguousarray(delta)), eps).numpy()
     check_budget(image, out, eps)
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from importlib import metadata
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -10,6 +11,7 @@ from typing import Iterator, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -52,7 +54,7 @@ class RichReporter:
     def message(self, text: str, level: str = "info") -> None:
         style = {"error": "red", "warning": "yellow"}.get(level, "dim")
         prefix = {"error": "error: ", "warning": "warning: "}.get(level, "")
-        self.progress.console.print(f"[{style}]{prefix}[/{style}]{text}", markup=True, highlight=False)
+        self.progress.console.print(f"[{style}]{prefix}[/{style}]{escape(text)}", markup=True, highlight=False)
 
 
 class _RichPhase:
@@ -66,8 +68,8 @@ class _RichPhase:
         self.progress.update(self.task, description=text)
 
 
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]Error:[/red] {message}", markup=True, highlight=False)
+def fail(message: str) -> typer.Exit:
+    err.print(f"[red]Error:[/red] {escape(message)}", markup=True, highlight=False)
     return typer.Exit(USAGE_ERROR)
 
 
@@ -77,28 +79,28 @@ def _parse_eps(value: Optional[str]) -> float | None:
     try:
         eps = parse_number(value)
     except (ValueError, ZeroDivisionError):
-        raise _fail(f"--eps must be a number such as 8/255 or 0.0314; got {value!r}") from None
+        raise fail(f"--eps must be a number such as 8/255 or 0.0314; got {value!r}") from None
     if not 0 < eps < 1:
-        raise _fail(f"--eps is in [0, 1] pixel units, e.g. 8/255; got {value!r}")
+        raise fail(f"--eps is in [0, 1] pixel units, e.g. 8/255; got {value!r}")
     return eps
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise _fail(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+        raise fail(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise _fail("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        raise fail("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return device
 
 
 def _print_summary(summary: RunSummary) -> None:
     table = Table(title=f"protect run {summary.method}", show_header=False)
-    table.add_row("input", str(summary.input_dir))
-    table.add_row("output", str(summary.output_dir))
+    table.add_row("input", escape(str(summary.input_dir)))
+    table.add_row("output", escape(str(summary.output_dir)))
     table.add_row("images written", str(summary.written))
     if summary.already_done:
         table.add_row("already done (resume)", str(summary.already_done))
@@ -115,7 +117,7 @@ def _print_summary(summary: RunSummary) -> None:
     table.add_row("time", f"{summary.seconds:.1f} s (fit {summary.fit_seconds:.1f} s)")
     out.print(table)
     for failure in summary.failed:
-        out.print(f"[red]failed:[/red] {failure.path}: {failure.reason}", markup=True, highlight=False)
+        out.print(f"[red]failed:[/red] {escape(failure.path)}: {escape(failure.reason)}", markup=True, highlight=False)
 
 
 @app.command()
@@ -141,11 +143,11 @@ def run(
     Exit code: 0 every image written, 1 some files failed (listed), 2 usage error.
     """
     eps_value = _parse_eps(eps)
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     try:
         overrides = parse_overrides(set_)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=False) as progress:
         try:
@@ -155,24 +157,40 @@ def run(
                 resume=resume, overwrite=overwrite, max_pixels=max_pixels, reporter=RichReporter(progress),
             )
         except UsageError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            err.print(
+                f"[yellow]Interrupted.[/yellow] Files written so far are complete; run the same command with "
+                f"--resume to finish into {output_dir}.",
+                markup=True, highlight=False,
+            )
+            raise typer.Exit(130) from None
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
 
 
 @app.command()
-def methods() -> None:
-    """List the available noise methods and their config keys."""
-    table = Table(title="methods")
-    table.add_column("name")
+def methods(keys: bool = typer.Option(False, "--keys", help="Also list each method's config keys.")) -> None:
+    """List the available noise methods; `--keys` adds their config keys."""
+    table = Table(title="methods (defaults in configs/<name>.yaml; change with --set key=value)")
+    table.add_column("name", no_wrap=True)
     table.add_column("labels")
     table.add_column("what it does")
-    table.add_column("config keys")
     for name, cls in available_methods().items():
-        labels = "needed (clusters if absent)" if cls.needs_labels else "not used"
-        table.add_row(name, labels, cls.summary, ", ".join(describe_fields(cls.config_class)))
+        labels = "used (k-means pseudo-labels if absent)" if cls.needs_labels else "not used"
+        table.add_row(name, labels, cls.summary)
+        if keys:
+            table.add_row("", "", "[dim]keys: " + ", ".join(describe_fields(cls.config_class)) + "[/dim]")
     out.print(table)
 
+
+def _load_plugins() -> None:
+    """Commands contributed by other packages (``verify`` comes from ``attacks``)."""
+    for entry_point in metadata.entry_points(group="protect.commands"):
+        entry_point.load()(app)
+
+
+_load_plugins()
 
 if __name__ == "__main__":
     app()

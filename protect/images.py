@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import IO, Any, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -137,6 +140,24 @@ def _to_rgb_alpha(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None, li
     raise ValueError(f"unsupported pixel mode {mode!r}")
 
 
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+def _open_with_limit(data: bytes, max_pixels: int) -> Image.Image:
+    """``Image.open`` with Pillow's own bomb guard raised to ``max_pixels`` when that is higher.
+
+    Pillow refuses images over ``Image.MAX_IMAGE_PIXELS`` inside ``open`` (warning, or error over
+    twice it), before our check can run; without this, ``--max-pixels`` could only lower the limit."""
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        if saved is not None and max_pixels > saved:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode one image file fully, or raise :class:`ImageReadError` naming it and the reason."""
     path = Path(path)
@@ -148,7 +169,7 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
         digest = hashlib.sha256(data).hexdigest()
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with _open_with_limit(data, max_pixels) as image:
                 if image.format not in ACCEPTED_FORMATS:
                     raise ImageReadError(path, f"unsupported image format {image.format}")
                 width, height = image.size
@@ -193,6 +214,22 @@ def output_relpath(relpath: PurePosixPath, suffix: str, taken: set[PurePosixPath
     return candidate
 
 
+@contextmanager
+def atomic_open(path: Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success flush it to disk and rename it over
+    ``path``, so ``path`` is either absent, the old file, or the complete new one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def save_image_atomic(
     path: Path, rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, icc_profile: bytes | None = None
 ) -> None:
@@ -206,30 +243,14 @@ def save_image_atomic(
     if icc_profile:
         save_options["icc_profile"] = icc_profile
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            image.save(handle, format=pil_format, **save_options)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(path, "wb") as handle:
+        image.save(handle, format=pil_format, **save_options)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a small text file atomically (temporary file + rename)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def sha256_file(path: Path) -> str:
