@@ -117,6 +117,7 @@ class _MinMin(Generator):
             raise ValueError(f"{self.name} needs labels (or pseudo-labels) to fit")
         reporter = reporter or NullReporter()
         cfg: ErrorMinimisingConfig = self.config
+        self._warn_if_few_batches(len(images), reporter)
         gen = torch.Generator().manual_seed(self.seed)
         n_classes = int(labels.max()) + 1
         x_all = images.float().div(255)
@@ -143,6 +144,9 @@ class _MinMin(Generator):
             f"(target {cfg.stop_error}); raise max_rounds for a stronger shortcut",
             level="warning",
         )
+
+    def _warn_if_few_batches(self, n_images: int, reporter: Reporter) -> None:
+        """Hook for methods whose noise learns per batch rather than per image."""
 
     def _batches(self, n: int, gen: torch.Generator, *, shuffle: bool):
         """An endless iterator of epochs, each a list of index batches."""
@@ -230,6 +234,19 @@ class ClassWiseErrorMinimising(_MinMin):
 
     def _init_noise(self, n_images, n_classes, shape, gen):
         return (torch.rand((n_classes, *shape), generator=gen) * 2 - 1) * self.config.eps
+
+    def _warn_if_few_batches(self, n_images: int, reporter: Reporter) -> None:
+        # Class noise moves one step per batch; with few batches per pass the surrogate memorises
+        # a small set (reaching stop_error) before the noise has become a shortcut.
+        batches = -(-n_images // self.config.batch_size)
+        if batches < 10:
+            suggested = max(16, n_images // 10)
+            reporter.message(
+                f"{self.name}: {n_images} images make only {batches} batch(es) of {self.config.batch_size} per noise "
+                f"pass, too few steps for class noise on a small set; consider --set batch_size={suggested} "
+                "--set step_size=2/255",
+                level="warning",
+            )
 
     def _noise_for(self, indices, labels):
         return self.noise[labels]
