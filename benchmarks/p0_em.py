@@ -1,0 +1,138 @@
+"""Protocol P0 (../shared/PROTOCOL.md) for the foundation methods: clean / random /
+em-classwise / em-samplewise, small-CNN victim, 3 seeds.
+
+Generation runs through the real CLI (`protect run`) on a folder of the P0 train subset;
+victims train on the written files. Prints a Markdown table and writes JSON next to it.
+
+    python benchmarks/p0_em.py                      # full P0 for these methods
+    python benchmarks/p0_em.py --seeds 1 --epochs 5 # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from attacks.data import load_image_folder
+from attacks.train import TrainConfig, train_classifier
+from attacks.victims import build_victim
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_subset(source: Path, dest: Path, per_class: int) -> Path:
+    """A folder of symlinks: the first ``per_class`` files (sorted by name) of every class."""
+    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        target = dest / class_dir.name
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted(class_dir.iterdir())[:per_class]:
+            link = target / path.name
+            if not link.exists():
+                link.symlink_to(path)
+    return dest
+
+
+def generate(method: str, subset: Path, out: Path, seed: int) -> dict:
+    """Run `protect run` in a child process; wall time and the child's peak RSS."""
+    cmd = [sys.executable, "-m", "protect.cli", "run", method, str(subset), str(out), "--seed", str(seed), "--overwrite"]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    stderr = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"protect run {method} failed:\n{stderr}")
+    record = json.loads((out / "protection.json").read_text())
+    return {
+        "seconds": seconds,
+        "fit_seconds": record["fit"].get("seconds"),
+        "fit": record["fit"],
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "images_per_s": record["summary"]["written"] / seconds,
+        "psnr": record["summary"]["mean_psnr_db"],
+        "ssim": record["summary"]["mean_ssim"],
+    }
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "p0")
+    parser.add_argument("--methods", default="random,em-classwise,em-samplewise")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--resnet", action="store_true", help="add the ResNet-18 transfer check (500/class, 8 epochs, 1 seed)")
+    args = parser.parse_args()
+
+    cifar = args.shared / "data" / "cifar10"
+    if not cifar.is_dir():
+        sys.exit(f"{cifar} not found: P0 needs the shared CIFAR-10 folder")
+    torch.set_num_threads(os.cpu_count() or 1)
+    subset = build_subset(cifar / "train", args.work / "train-subset", 1000)
+    test = load_image_folder(cifar / "test", per_class=200)
+    clean = load_image_folder(subset, classes=test.classes)
+
+    rows: dict[str, dict] = {"clean": {"train": clean}}
+    for method in [m for m in args.methods.split(",") if m]:
+        out = args.work / method
+        print(f"generating {method} ...", file=sys.stderr, flush=True)
+        gen = generate(method, subset, out, seed=0)
+        rows[method] = {"gen": gen, "train": load_image_folder(out, classes=test.classes)}
+
+    results = {}
+    for name, row in rows.items():
+        finals, peaks, times = [], [], []
+        for seed in range(args.seeds):
+            model = build_victim("small-cnn", len(test.classes), seed=seed)
+            result = train_classifier(model, row["train"], test, TrainConfig(epochs=args.epochs), seed=seed)
+            finals.append(result.final)
+            peaks.append(result.peak)
+            times.append(result.seconds)
+            print(f"{name} seed {seed}: final {result.final:.4f} peak {result.peak:.4f} ({result.seconds:.0f} s)", file=sys.stderr, flush=True)
+        entry = {"final": finals, "peak": peaks, "train_seconds": times, "generation": row.get("gen")}
+        if args.resnet:
+            half = load_image_folder(subset if name == "clean" else args.work / name, per_class=500, classes=test.classes)
+            result = train_classifier(build_victim("resnet18", len(test.classes)), half, test, TrainConfig(epochs=8, lr=0.1))
+            entry["resnet18"] = {"final": result.final, "peak": result.peak, "seconds": result.seconds}
+        results[name] = entry
+
+    (args.work / "results.json").write_text(json.dumps(results, indent=2))
+    header = "| data | small CNN test acc % (final) | peak % | gen time s | gen img/s | gen peak RSS MiB | PSNR dB | SSIM |"
+    if args.resnet:
+        header += " ResNet-18 % |"
+    print(f"\nProtocol P0, {args.seeds} seed(s), {args.epochs} epochs, {torch.get_num_threads()} threads\n")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name, entry in results.items():
+        gen = entry["generation"] or {}
+        cells = [
+            name,
+            mean_std(entry["final"]),
+            mean_std(entry["peak"]),
+            f"{gen['seconds']:.0f}" if gen else "-",
+            f"{gen['images_per_s']:.0f}" if gen else "-",
+            f"{gen['peak_rss_mib']:.0f}" if gen else "-",
+            f"{gen['psnr']:.2f}" if gen else "-",
+            f"{gen['ssim']:.4f}" if gen else "-",
+        ]
+        if args.resnet:
+            cells.append(f"{100 * entry['resnet18']['final']:.2f}")
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
