@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +47,72 @@ def load_image_folder(
         if per_class is not None and taken.get(entry.label, 0) >= per_class:
             continue
         taken[entry.label] = taken.get(entry.label, 0) + 1
-        rgb = load_image(entry.path).rgb
-        if rgb.shape[:2] != (size, size):
-            rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
-        images.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1))
+        images.append(_read_small(entry.path, size))
         labels.append(index[entry.label])
         paths.append(str(entry.relpath))
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(class_names), paths)
+
+
+def _read_manifest_pairs(protected_dir: Path) -> list[tuple[str, str]] | None:
+    manifest = protected_dir / "manifest.jsonl"
+    if not manifest.exists():
+        return None
+    pairs = []
+    for line in manifest.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            pairs.append((record["input"], record["output"]))
+    return pairs
+
+
+def _pairs_by_path(protected_dir: Path, clean_dir: Path) -> list[tuple[str, str]]:
+    """Without a manifest: match files by relative path, ignoring the suffix."""
+    clean = {str(e.relpath.with_suffix("")): str(e.relpath) for e in scan_folder(clean_dir).entries}
+    pairs = []
+    for entry in scan_folder(protected_dir).entries:
+        stem = str(entry.relpath.with_suffix(""))
+        if stem not in clean:
+            raise ValueError(f"{entry.path} has no clean original in {clean_dir} (matched by relative path)")
+        pairs.append((clean[stem], str(entry.relpath)))
+    return pairs
+
+
+def _read_small(path: Path, size: int) -> torch.Tensor:
+    rgb = load_image(path).rgb
+    if rgb.shape[:2] != (size, size):
+        rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def load_pairs(protected_dir: Path | str, clean_dir: Path | str, *, size: int = 32) -> tuple[ImageSet, ImageSet]:
+    """The clean originals and their protected copies, aligned, labelled by the clean tree's
+    first-level folders. Pairs come from ``manifest.jsonl`` (written by ``protect run``) or,
+    without one, from matching relative paths."""
+    protected_dir, clean_dir = Path(protected_dir), Path(clean_dir)
+    pairs = _read_manifest_pairs(protected_dir) or _pairs_by_path(protected_dir, clean_dir)
+    if not pairs:
+        raise ValueError(f"{protected_dir} holds no protected images")
+    labels_of = {}
+    for clean_rel, _ in pairs:
+        parts = Path(clean_rel).parts
+        if len(parts) < 2:
+            raise ValueError(f"{clean_dir}: {clean_rel} is not in a class subfolder; verify needs labelled data")
+        labels_of[clean_rel] = parts[0]
+    classes = sorted(set(labels_of.values()))
+    index = {name: i for i, name in enumerate(classes)}
+    clean_images, protected_images, labels = [], [], []
+    for clean_rel, protected_rel in pairs:
+        clean_path, protected_path = clean_dir / clean_rel, protected_dir / protected_rel
+        if not clean_path.exists():
+            raise ValueError(f"{protected_dir} and {clean_dir} do not match: {clean_rel} (in the manifest) is missing from {clean_dir}")
+        if not protected_path.exists():
+            raise ValueError(f"{protected_path} is listed in the manifest but missing")
+        clean_images.append(_read_small(clean_path, size))
+        protected_images.append(_read_small(protected_path, size))
+        labels.append(index[labels_of[clean_rel]])
+    label_tensor = torch.tensor(labels, dtype=torch.long)
+    paths = [clean_rel for clean_rel, _ in pairs]
+    return (
+        ImageSet(torch.stack(clean_images), label_tensor, classes, paths),
+        ImageSet(torch.stack(protected_images), label_tensor.clone(), classes, paths),
+    )

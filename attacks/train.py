@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attacks.countermeasures import BatchLoss, DataTransform, standard_loss
 from attacks.data import ImageSet
 
 
@@ -21,7 +23,6 @@ class TrainConfig:
     lr: float = 0.2
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
     augment: bool = True  # random crop (pad 4, reflect) + horizontal flip
     precision: str = "auto"  # auto = bf16 autocast on CPU and on bf16-capable GPUs
 
@@ -29,7 +30,6 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     test_accuracy: list[float] = field(default_factory=list)  # after each epoch, in [0, 1]
-    train_accuracy: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -84,10 +84,20 @@ def train_classifier(
     *,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    data_transform: DataTransform | None = None,
+    batch_loss: BatchLoss | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on ``train`` and record clean test accuracy after every epoch."""
+    """Train ``model`` on ``train`` and record clean test accuracy after every epoch.
+
+    data_transform: applied once to the uint8 training images before training.
+    batch_loss: computes the loss of an augmented batch (default: cross-entropy).
+    on_epoch: called with (epoch index, test accuracy) after each epoch.
+    """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
+    train_images = data_transform(train.images, gen) if data_transform is not None else train.images
+    batch_loss = batch_loss or standard_loss
     model = model.to(device=device, memory_format=torch.channels_last)
     decay, no_decay = [], []
     for param in model.parameters():
@@ -103,24 +113,23 @@ def train_classifier(
     )
     result = TrainResult()
     started = time.perf_counter()
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         model.train()
-        correct = 0
         for idx in torch.randperm(len(train), generator=gen).split(config.batch_size):
-            x = train.images[idx].to(device).float().div(255)
+            x = train_images[idx].to(device).float().div(255)
             y = train.labels[idx].to(device)
             if config.augment:
                 x = random_crop_flip(x, gen)
             x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, config.precision):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+                loss = batch_loss(model, x, y, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            correct += int((logits.argmax(1) == y).sum())
-        result.train_accuracy.append(correct / len(train))
-        result.test_accuracy.append(evaluate(model, test, device=device, precision=config.precision))
+        accuracy = evaluate(model, test, device=device, precision=config.precision)
+        result.test_accuracy.append(accuracy)
+        if on_epoch is not None:
+            on_epoch(epoch, accuracy)
     result.seconds = time.perf_counter() - started
     return result

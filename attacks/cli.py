@@ -1,0 +1,82 @@
+"""``protect verify``, added to the ``protect`` command line through the ``protect.commands``
+entry point (so that ``protect`` itself never imports ``attacks``)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from attacks.report import summarise, write_report
+from attacks.verify import VerifyError, load_verify_data, make_plan, run_plan
+from protect.cli import RichReporter, err, fail, out, resolve_device
+
+
+def _split(value: Optional[str]) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def verify(
+    protected: Path = typer.Argument(..., help="Folder written by `protect run` (its manifest pairs files with originals)."),
+    clean_train: Path = typer.Option(..., "--clean-train", help="The clean originals (ImageFolder: one subfolder per class)."),
+    test: Path = typer.Option(..., "--test", help="Clean test set (ImageFolder), disjoint from the training data."),
+    preset: str = typer.Option("quick", "--preset", help="quick (minutes on a CPU) or standard (protocol P0)."),
+    victims: Optional[str] = typer.Option(None, "--victims", help="Comma list: small-cnn, resnet18, vgg11, vit-small."),
+    countermeasures: Optional[str] = typer.Option(
+        None, "--countermeasures",
+        help="Comma list: none, jpeg, grayscale, bit-depth, blur, cutout, mixup, cutmix, adv-training, ueraser-lite, mix.",
+    ),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs per victim (default: the preset's)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Number of seeds per cell (default: the preset's)."),
+    mix: float = typer.Option(0.5, "--mix", help="For the `mix` countermeasure: fraction of the training set that is clean."),
+    resolution: int = typer.Option(32, "--resolution", help="Victims train at this square size (pixels)."),
+    report_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: PROTECTED-verify beside it). "
+                                              "Finished cells there are reused."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+) -> None:
+    """Train victims on clean, random-noise and protected data; write a protection card."""
+    torch_device = resolve_device(device)
+    report_dir = report_dir or protected.parent / f"{protected.name.rstrip('/')}-verify"
+    try:
+        plan = make_plan(preset, victims=_split(victims), countermeasures=_split(countermeasures),
+                         epochs=epochs, seeds=seeds, clean_fraction=mix)
+        if report_dir.resolve().is_relative_to(protected.resolve()):
+            raise VerifyError("--out must not be inside the protected folder")
+        data = load_verify_data(protected, clean_train, test, resolution=resolution)
+    except VerifyError as exc:
+        raise fail(str(exc)) from None
+    started = time.perf_counter()
+    cells = plan.cells()
+    err.print(f"verify: {len(cells)} training runs ({len(data.clean)} train / {len(data.test)} test images)", highlight=False)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err) as progress:
+        results = run_plan(plan, data, report_dir, device=torch_device, reporter=RichReporter(progress))
+    rows = summarise(results, len(data.clean.classes))
+    meta = {
+        "protected": str(protected), "clean_train": str(clean_train), "test": str(test), "preset": preset,
+        "plan": {"victims": plan.victims, "countermeasures": plan.countermeasures, "epochs": plan.epochs,
+                 "seeds": plan.seeds, "per_class": plan.per_class},
+        "device": str(torch_device), "seconds": time.perf_counter() - started,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "protect": metadata.version("protect")},
+    }
+    document = write_report(report_dir, rows, results, data, meta)
+    table = Table(title=f"clean test accuracy % ({report_dir / 'report.md'})")
+    for column in ("victim", "countermeasure", "clean", "control", "protected", "verdict"):
+        table.add_column(column)
+    for row in rows:
+        values = [f"{100 * row[k]['final']['mean']:.1f}" if row.get(k) else "–" for k in ("clean", "control", "protected")]
+        table.add_row(row["victim"], row["countermeasure"], *values, row["verdict"]["text"])
+    out.print(table)
+    for warning in document["warnings"]:
+        out.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="verify")(verify)

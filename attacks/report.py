@@ -1,0 +1,263 @@
+"""The protection card: ``report.json`` (every number) and ``report.md`` (for people), with plots.
+
+Verdict per row (victim x countermeasure): *protected* when the protected-data victim's final
+clean test accuracy is within 10 points of chance or below half of the clean baseline;
+otherwise *NOT protected*. Peak accuracy over epochs is reported too, since stopping early is
+itself a countermeasure.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from attacks.verify import DATA_KINDS, VerifyData  # noqa: E402
+
+WEAK_BASELINE_MARGIN = 0.20  # clean accuracy must beat chance by this much to mean anything
+CHANCE_MARGIN = 0.10
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def summarise(results: list[dict[str, Any]], num_classes: int) -> list[dict[str, Any]]:
+    """One row per (victim, countermeasure): stats per data kind and a verdict."""
+    grouped: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    order: list[tuple[str, str]] = []
+    for result in results:
+        cell = result["cell"]
+        key = (cell["victim"], cell["countermeasure"])
+        if key not in grouped:
+            order.append(key)
+        grouped[key][cell["data"]].append(result)
+    plain_clean = {victim: runs["clean"] for (victim, cm), runs in grouped.items() if cm == "none" and runs.get("clean")}
+    chance = 1.0 / num_classes
+    rows = []
+    for victim, countermeasure in order:
+        runs = grouped[(victim, countermeasure)]
+        if not runs.get("clean") and plain_clean.get(victim):
+            runs["clean"] = plain_clean[victim]  # mixing clean data into clean data is the clean baseline
+        row: dict[str, Any] = {"victim": victim, "countermeasure": countermeasure, "settings": dict(runs[next(iter(runs))][0]["cell"]["settings"])}
+        for kind in DATA_KINDS:
+            if runs.get(kind):
+                row[kind] = {
+                    "final": _stats([r["final"] for r in runs[kind]]),
+                    "peak": _stats([r["peak"] for r in runs[kind]]),
+                    "curve": np.mean([r["test_accuracy"] for r in runs[kind]], axis=0).tolist(),
+                    "seconds": sum(r["seconds"] for r in runs[kind]),
+                }
+        row["verdict"] = _verdict(row, chance)
+        rows.append(row)
+    return rows
+
+
+def _verdict(row: dict[str, Any], chance: float) -> dict[str, Any]:
+    if "protected" not in row:
+        return {"protected": None, "text": "no protected run"}
+    final = row["protected"]["final"]["mean"]
+    peak = row["protected"]["peak"]["mean"]
+    clean = row.get("clean", {}).get("final", {}).get("mean")
+    if clean is not None and clean < chance + WEAK_BASELINE_MARGIN:
+        return {"protected": None, "peak_protected": None,
+                "text": f"inconclusive: clean baseline only {100 * clean:.1f}%"}
+
+    def passes(accuracy: float) -> bool:
+        return accuracy <= chance + CHANCE_MARGIN or (clean is not None and accuracy < 0.5 * clean)
+
+    protected = passes(final)
+    text = "protected" if protected else "NOT protected"
+    if protected and not passes(peak):
+        text += f" (but peak accuracy {100 * peak:.1f}% during training: early stopping defeats it)"
+    return {"protected": protected, "peak_protected": passes(peak), "text": text}
+
+
+def evaluation_warnings(rows: list[dict[str, Any]], data: VerifyData) -> list[str]:
+    """Mistakes that make a verification meaningless or misleading."""
+    warnings = []
+    chance = 1.0 / len(data.clean.classes)
+    for row in rows:
+        name = f"{row['victim']} / {row['countermeasure']}"
+        clean = row.get("clean", {}).get("final", {}).get("mean")
+        if clean is not None and clean < chance + WEAK_BASELINE_MARGIN:
+            warnings.append(
+                f"{name}: the clean baseline reaches only {100 * clean:.1f}% (chance {100 * chance:.0f}%): too weak "
+                "for a low protected accuracy to mean anything; train longer or on more data"
+            )
+        control = row.get("control", {}).get("final", {}).get("mean")
+        protected = row.get("protected", {}).get("final", {}).get("mean")
+        conclusive = row["verdict"]["protected"] is not None
+        if conclusive and control is not None and protected is not None and protected >= control - 0.02:
+            warnings.append(
+                f"{name}: protected accuracy {100 * protected:.1f}% is not below the random-noise control "
+                f"({100 * control:.1f}%): the protection does no better than random noise here"
+            )
+    overlap = _overlap(data.clean.images, data.test.images)
+    if overlap:
+        warnings.append(
+            f"{overlap} test image(s) also appear in the clean training set: test accuracy is inflated; use disjoint sets"
+        )
+    return warnings
+
+
+def _overlap(train: torch.Tensor, test: torch.Tensor) -> int:
+    seen = {bytes(img.numpy().tobytes()) for img in train}
+    return sum(bytes(img.numpy().tobytes()) in seen for img in test)
+
+
+def _pct(stats: dict[str, Any] | None, key: str = "final") -> str:
+    if not stats:
+        return "–"
+    s = stats[key]
+    return f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["n"] > 1 else "")
+
+
+def write_report(
+    out_dir: Path, rows: list[dict[str, Any]], results: list[dict[str, Any]], data: VerifyData,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Write report.json, report.md and the PNG plots; return the JSON document."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    warnings = evaluation_warnings(rows, data)
+    paths = {
+        "curves": _plot_curves(out_dir / "curves.png", rows),
+        "matrix": _plot_matrix(out_dir / "matrix.png", rows),
+        "strip": _plot_strip(out_dir / "examples.png", data),
+    }
+    document = {**meta, "rows": rows, "warnings": warnings, "cells": results, "plots": {k: v.name for k, v in paths.items()}}
+    (out_dir / "report.json").write_text(json.dumps(document, indent=2))
+    (out_dir / "report.md").write_text(_markdown(rows, warnings, data, meta))
+    return document
+
+
+def _markdown(rows: list[dict[str, Any]], warnings: list[str], data: VerifyData, meta: dict[str, Any]) -> str:
+    protection = data.protection
+    summary = protection.get("summary", {})
+    chance = 100.0 / len(data.clean.classes)
+    lines = [
+        "# Protection card",
+        "",
+        "## What was protected",
+        f"- Protected folder: `{meta['protected']}` ({len(data.protected)} images, {len(data.clean.classes)} classes)",
+        f"- Method: `{protection.get('method', 'unknown')}`, seed {protection.get('seed', '?')}",
+        f"- Budget: L-inf eps = {data.eps * 255:.0f}/255"
+        + (f"; largest change written: {summary['max_abs_diff_levels']}/255" if "max_abs_diff_levels" in summary else ""),
+        f"- Image quality: mean PSNR {summary.get('mean_psnr_db', '–')} dB, mean SSIM {summary.get('mean_ssim', '–')}",
+        f"- Clean training set: `{meta['clean_train']}`; test set: `{meta['test']}` ({len(data.test)} images)",
+        f"- Labels used by the victims: {meta.get('labelling', 'the clean folders’ class names')}",
+        "",
+        "## Clean test accuracy of victims (%)",
+        f"Chance is {chance:.1f}%. Control = the same images with uniform random noise of the same budget. "
+        "Mean ± standard deviation over seeds; final epoch (peak over epochs in brackets).",
+        "",
+        "| victim | countermeasure | clean | control | protected | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [
+            f"{_pct(row.get(kind))} ({_pct(row.get(kind), 'peak')})" if row.get(kind) else "–" for kind in DATA_KINDS
+        ]
+        verdict = row["verdict"]["text"]
+        verdict = f"**{verdict}**" if row["verdict"]["protected"] is False else verdict
+        lines.append(f"| {row['victim']} | {row['countermeasure']} | " + " | ".join(cells) + f" | {verdict} |")
+    lines += ["", "A row is *protected* when the protected-data victim ends within 10 points of chance or below half "
+              "the clean baseline.", ""]
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    lines += [
+        "## Plots",
+        "",
+        "![test accuracy per epoch](curves.png)",
+        "",
+        "![accuracy matrix](matrix.png)",
+        "",
+        "![original, protected, noise x10](examples.png)",
+        "",
+        "## How this was measured",
+        f"- Preset `{meta['preset']}`; victims trained at {data.clean.images.shape[-1]} px with SGD (Nesterov), "
+        "one-cycle learning rate, random crop + flip; bf16 autocast on CPU.",
+        f"- Wall time: {meta['seconds']:.0f} s on {meta['device']}; package versions in report.json.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+COLOURS = {"clean": "#2b8a3e", "control": "#868e96", "protected": "#c92a2a"}
+
+
+def _plot_curves(path: Path, rows: list[dict[str, Any]]) -> Path:
+    n = len(rows)
+    cols = min(n, 4)
+    rows_n = -(-n // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False, sharey=True)
+    for ax, row in zip(axes.flat, rows):
+        for kind in DATA_KINDS:
+            if row.get(kind):
+                curve = 100 * np.array(row[kind]["curve"])
+                ax.plot(range(1, len(curve) + 1), curve, color=COLOURS[kind], label=kind)
+        ax.set_title(f"{row['victim']} / {row['countermeasure']}", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("clean test acc %")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_matrix(path: Path, rows: list[dict[str, Any]]) -> Path:
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 3.2))
+    x = np.arange(len(rows))
+    width = 0.27
+    for i, kind in enumerate(DATA_KINDS):
+        values = [100 * row[kind]["final"]["mean"] if row.get(kind) else 0 for row in rows]
+        errors = [100 * row[kind]["final"]["std"] if row.get(kind) else 0 for row in rows]
+        ax.bar(x + (i - 1) * width, values, width, yerr=errors, color=COLOURS[kind], label=kind)
+    ax.set_xticks(x, [f"{r['victim']}\n{r['countermeasure']}" for r in rows], fontsize=7)
+    ax.set_ylabel("clean test acc %")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_strip(path: Path, data: VerifyData, count: int = 8) -> Path:
+    count = min(count, len(data.clean))
+    index = torch.linspace(0, len(data.clean) - 1, count).long()
+    clean = data.clean.images[index].float()
+    protected = data.protected.images[index].float()
+    noise = ((protected - clean) * 10 + 127.5).clamp(0, 255)
+    fig, axes = plt.subplots(3, count, figsize=(1.3 * count, 4.2), squeeze=False)
+    for j in range(count):
+        for i, (img, label) in enumerate(((clean, "original"), (protected, "protected"), (noise, "noise x10"))):
+            axes[i, j].imshow(img[j].permute(1, 2, 0).byte().numpy(), interpolation="nearest")
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if j == 0:
+                axes[i, j].set_ylabel(label, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,265 @@
+"""``protect verify``: train victims on clean, random-control and protected data and compare.
+
+A verification run is data: a list of :class:`Cell` specs (victim, countermeasure and its
+settings, training data, epochs, seed). Presets expand to such lists. Each finished cell is
+saved under ``REPORT_DIR/cells/`` so an interrupted run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
+from attacks.data import ImageSet, load_image_folder, load_pairs
+from attacks.train import TrainConfig, train_classifier
+from attacks.victims import VICTIM_LR, VICTIMS, build_victim
+from protect.budget import perturb_uint8
+from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
+from protect.progress import NullReporter, Reporter
+
+DATA_KINDS = ("clean", "control", "protected")
+
+
+class VerifyError(ValueError):
+    """The folders given to verify cannot be compared; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One victim training run."""
+
+    victim: str
+    countermeasure: str
+    settings: tuple[tuple[str, Any], ...]
+    data: str
+    epochs: int
+    seed: int
+    per_class: int | None = None
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    """Victims x countermeasures x data kinds x seeds; ``per_class`` caps the training set
+    per victim (the P0 ResNet-18 transfer check uses 500 images per class)."""
+
+    victims: list[str]
+    countermeasures: list[tuple[str, dict[str, Any]]]
+    epochs: dict[str, int]
+    seeds: dict[str, int]
+    per_class: dict[str, int | None] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        cells = []
+        for victim in self.victims:
+            for name, settings in self.countermeasures:
+                for data in DATA_KINDS:
+                    if name == "mix" and data == "clean":
+                        continue  # a clean set mixed with clean data is the plain clean baseline
+                    for seed in range(self.seeds[victim]):
+                        cells.append(Cell(victim, name, tuple(sorted(settings.items())), data,
+                                          self.epochs[victim], seed, self.per_class.get(victim)))
+        return cells
+
+
+ALL_COUNTERMEASURES = [(name, {"clean_fraction": 0.5} if name == "mix" else {}) for name in COUNTERMEASURES]
+
+PRESETS: dict[str, Plan] = {
+    # Finishes on protocol P0 on 2 CPU cores in under 15 minutes.
+    "quick": Plan(
+        victims=["small-cnn"],
+        countermeasures=[("none", {}), ("jpeg", {}), ("grayscale", {}), ("adv-training", {}), ("mix", {"clean_fraction": 0.5})],
+        epochs={"small-cnn": 8},
+        seeds={"small-cnn": 1},
+    ),
+    # Protocol P0 as written in PROTOCOL.md.
+    "standard": Plan(
+        victims=["small-cnn", "resnet18"],
+        countermeasures=ALL_COUNTERMEASURES,
+        epochs={"small-cnn": 15, "resnet18": 8},
+        seeds={"small-cnn": 3, "resnet18": 1},
+        per_class={"resnet18": 500},
+    ),
+}
+
+
+def make_plan(
+    preset: str,
+    *,
+    victims: list[str] | None = None,
+    countermeasures: list[str] | None = None,
+    epochs: int | None = None,
+    seeds: int | None = None,
+    clean_fraction: float = 0.5,
+) -> Plan:
+    """A preset, with any of its lists or numbers replaced."""
+    if preset not in PRESETS:
+        raise VerifyError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    base = PRESETS[preset]
+    chosen_victims = victims or base.victims
+    for victim in chosen_victims:
+        if victim not in VICTIMS:
+            raise VerifyError(f"unknown victim {victim!r}; available: {', '.join(VICTIMS)}")
+    if countermeasures is not None:
+        chosen = []
+        for name in countermeasures:
+            if name not in COUNTERMEASURES:
+                raise VerifyError(f"unknown countermeasure {name!r}; available: {', '.join(COUNTERMEASURES)}")
+            chosen.append((name, {"clean_fraction": clean_fraction} if name == "mix" else {}))
+    else:
+        chosen = [(n, {"clean_fraction": clean_fraction} if n == "mix" else s) for n, s in base.countermeasures]
+    if not 0 < clean_fraction < 1:
+        raise VerifyError(f"--mix is the clean fraction, strictly between 0 and 1; got {clean_fraction}")
+
+    def per_victim(values: dict[str, Any], override: Any, default: Any) -> dict[str, Any]:
+        return {v: override if override is not None else values.get(v, default) for v in chosen_victims}
+
+    return Plan(
+        victims=list(chosen_victims),
+        countermeasures=chosen,
+        epochs=per_victim(base.epochs, epochs, max(base.epochs.values())),
+        seeds=per_victim(base.seeds, seeds, 1),
+        per_class={v: base.per_class.get(v) for v in chosen_victims},
+    )
+
+
+@dataclass
+class VerifyData:
+    """Aligned training sets (same images, labels and order) plus the clean test set."""
+
+    clean: ImageSet
+    control: ImageSet
+    protected: ImageSet
+    test: ImageSet
+    protection: dict[str, Any]
+    eps: float
+
+    def training_set(self, data: str) -> ImageSet:
+        return {"clean": self.clean, "control": self.control, "protected": self.protected}[data]
+
+
+def random_control(clean: ImageSet, eps: float, seed: int) -> ImageSet:
+    """The clean set with the ``random`` method's noise at the same budget (8-bit rounded)."""
+    resolution = clean.images.shape[-1]
+    config = resolve_config("random", overrides={"resolution": resolution}, eps=eps)
+    generator = create_generator("random", config, seed=seed)
+    generator.fit(clean.images, None)
+    batch = Batch(images=clean.images.float().div(255), labels=None, indices=torch.arange(len(clean)))
+    delta = bounded_perturbation(generator, batch)
+    return ImageSet(perturb_uint8(clean.images, delta, eps), clean.labels, clean.classes, clean.paths)
+
+
+def load_verify_data(
+    protected_dir: Path, clean_dir: Path, test_dir: Path, *, resolution: int = 32, seed: int = 0
+) -> VerifyData:
+    """Pair protected files with their clean originals (by the manifest of ``protect run``,
+    else by relative path), read the test set, and build the random control."""
+    for label, path in (("protected", protected_dir), ("--clean-train", clean_dir), ("--test", test_dir)):
+        if not Path(path).is_dir():
+            raise VerifyError(f"{label} folder not found: {path}")
+    try:
+        clean, protected = load_pairs(protected_dir, clean_dir, size=resolution)
+        if len(clean.classes) < 2:
+            raise VerifyError(f"{clean_dir}: training data has only one class ({clean.classes[0]}); need two or more")
+        test = load_image_folder(test_dir, size=resolution, classes=clean.classes)
+    except VerifyError:
+        raise
+    except ValueError as exc:
+        raise VerifyError(str(exc)) from None
+    protection_file = Path(protected_dir) / "protection.json"
+    protection = json.loads(protection_file.read_text()) if protection_file.exists() else {}
+    eps = float(protection.get("config", {}).get("eps", 8 / 255))
+    return VerifyData(clean, random_control(clean, eps, seed), protected, test, protection, eps)
+
+
+def _subset(data: ImageSet, per_class: int | None) -> ImageSet:
+    if per_class is None:
+        return data
+    keep, counts = [], {}
+    for i, label in enumerate(data.labels.tolist()):
+        if counts.get(label, 0) < per_class:
+            counts[label] = counts.get(label, 0) + 1
+            keep.append(i)
+    index = torch.tensor(keep)
+    return ImageSet(data.images[index], data.labels[index], data.classes, [data.paths[i] for i in keep])
+
+
+def _mix_with_clean(noisy: ImageSet, clean: ImageSet, clean_fraction: float, seed: int) -> ImageSet:
+    """Replace a random ``clean_fraction`` of the images by their clean originals."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    chosen = torch.randperm(len(noisy), generator=gen)[: round(clean_fraction * len(noisy))]
+    images = noisy.images.clone()
+    images[chosen] = clean.images[chosen]
+    return ImageSet(images, noisy.labels, noisy.classes, noisy.paths)
+
+
+def victim_train_config(victim: str, epochs: int, n_train: int) -> TrainConfig:
+    """P0's batch of 512 for full-size sets; on small sets a batch of about 1/20 of the data (at
+    least 32), so each epoch still takes ~20 steps, with the learning rate scaled by the square
+    root of the batch ratio."""
+    batch = min(512, max(32, n_train // 20))
+    return TrainConfig(epochs=epochs, batch_size=batch, lr=VICTIM_LR[victim] * (batch / 512) ** 0.5)
+
+
+def run_cell(cell: Cell, data: VerifyData, *, device: torch.device, reporter: Reporter) -> dict[str, Any]:
+    """Train one victim as ``cell`` says and return its measured numbers."""
+    settings = dict(cell.settings)
+    train = data.training_set(cell.data)
+    if cell.countermeasure == "mix":
+        train = _mix_with_clean(train, data.clean, settings["clean_fraction"], cell.seed)
+    train = _subset(train, cell.per_class)
+    countermeasure = build_countermeasure(cell.countermeasure, **settings)
+    model = build_victim(cell.victim, len(data.clean.classes), seed=cell.seed, image_size=data.clean.images.shape[-1])
+    config = victim_train_config(cell.victim, cell.epochs, len(train))
+    title = f"{cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}"
+    with reporter.phase(title, total=cell.epochs) as phase:
+        def on_epoch(epoch: int, accuracy: float) -> None:
+            phase.describe(f"{title}: test acc {100 * accuracy:.1f}%")
+            phase.advance()
+
+        result = train_classifier(
+            model, train, data.test, config, device=device, seed=cell.seed,
+            data_transform=countermeasure.data_transform, batch_loss=countermeasure.batch_loss, on_epoch=on_epoch,
+        )
+    return {
+        "cell": asdict(cell),
+        "test_accuracy": result.test_accuracy,
+        "final": result.final,
+        "peak": result.peak,
+        "seconds": result.seconds,
+        "train_images": len(train),
+    }
+
+
+def run_plan(
+    plan: Plan, data: VerifyData, out_dir: Path, *, device: torch.device | str = "cpu", reporter: Reporter | None = None
+) -> list[dict[str, Any]]:
+    """Run every cell of ``plan`` not already finished in ``out_dir/cells``; return all results."""
+    reporter = reporter or NullReporter()
+    device = torch.device(device)
+    cells_dir = Path(out_dir) / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for cell in plan.cells():
+        path = cells_dir / f"{cell.key()}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+            reporter.message(f"already done: {cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}")
+            continue
+        started = time.perf_counter()
+        result = run_cell(cell, data, device=device, reporter=reporter)
+        result["wall_seconds"] = time.perf_counter() - started
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+        results.append(result)
+    return results

@@ -1,0 +1,130 @@
+"""protect verify: countermeasures, victims, the runner and the protection card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
+from attacks.data import ImageSet
+from attacks.train import TrainConfig, train_classifier
+from attacks.verify import VerifyError, load_verify_data, make_plan
+from attacks.victims import VICTIM_LR, VICTIMS, build_victim
+from protect.cli import app
+from protect.pipeline import protect_folder
+
+
+
+def _easy_set(n_per_class: int, seed: int) -> ImageSet:
+    """Two classes a victim must separate: reddish vs bluish images (invariant to crop and flip)."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand((2 * n_per_class, 3, 32, 32), generator=gen) * 0.4
+    images[:n_per_class, 0] += 0.5
+    images[n_per_class:, 2] += 0.5
+    labels = torch.tensor([0] * n_per_class + [1] * n_per_class)
+    return ImageSet((images.clamp(0, 1) * 255).to(torch.uint8), labels, ["red", "blue"], [""] * len(labels))
+
+
+@pytest.mark.parametrize("name", [n for n in COUNTERMEASURES if n not in ("none", "mix")])
+def test_countermeasure_keeps_shape_dtype_range(name: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand((6, 3, 32, 32), generator=gen) * 255).to(torch.uint8)
+    countermeasure = build_countermeasure(name)
+    if countermeasure.data_transform is not None:
+        out = countermeasure.data_transform(images, gen)
+        assert out.shape == images.shape and out.dtype == torch.uint8
+        assert not torch.equal(out, images), f"{name} changed nothing"
+    else:
+        model = build_victim("small-cnn", 10)
+        x = images.float() / 255
+        loss = countermeasure.batch_loss(model, x, torch.arange(6) % 10, gen)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_unknown_countermeasure_lists_valid_ones() -> None:
+    with pytest.raises(ValueError, match="available: none, jpeg"):
+        build_countermeasure("sharpen")
+
+
+@pytest.mark.parametrize("victim", list(VICTIMS))
+def test_each_victim_learns_easy_data(victim: str) -> None:
+    train, test = _easy_set(64, seed=0), _easy_set(32, seed=1)
+    # Small batches on a tiny set: a learning rate below the full-data ones keeps every victim stable.
+    lr = min(VICTIM_LR[victim], 0.02)
+    result = train_classifier(build_victim(victim, 2), train, test, TrainConfig(epochs=4, batch_size=16, lr=lr), seed=0)
+    assert result.final >= 0.8, f"{victim} reached only {result.final:.2f} on a trivially separable task"
+
+
+def _write_folder(root: Path, set_: ImageSet) -> None:
+    for i, (img, label) in enumerate(zip(set_.images, set_.labels)):
+        folder = root / set_.classes[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+
+
+def test_mismatched_missing_and_single_class_inputs_are_clear_errors(tmp_path: Path) -> None:
+    train, test = _easy_set(4, 0), _easy_set(2, 1)
+    _write_folder(tmp_path / "train", train)
+    _write_folder(tmp_path / "test", test)
+    protect_folder("random", tmp_path / "train", tmp_path / "prot")
+    with pytest.raises(VerifyError, match="--test folder not found"):
+        load_verify_data(tmp_path / "prot", tmp_path / "train", tmp_path / "nowhere")
+    other = tmp_path / "other"
+    _write_folder(other, _easy_set(4, 5))
+    (other / "red" / "0000.png").unlink()
+    with pytest.raises(VerifyError, match="do not match.*red/0000.png"):
+        load_verify_data(tmp_path / "prot", other, tmp_path / "test")
+    single = ImageSet(train.images[:4], train.labels[:4], train.classes, [""] * 4)
+    _write_folder(tmp_path / "one", single)
+    protect_folder("random", tmp_path / "one", tmp_path / "prot-one")
+    with pytest.raises(VerifyError, match="only one class"):
+        load_verify_data(tmp_path / "prot-one", tmp_path / "one", tmp_path / "test")
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / "prot"), "--clean-train", str(tmp_path / "train"),
+                                      "--test", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "--test folder not found" in result.output
+
+
+def test_plan_expansion_and_errors() -> None:
+    plan = make_plan("quick")
+    names = [name for name, _ in plan.countermeasures]
+    assert names == ["none", "jpeg", "grayscale", "adv-training", "mix"]
+    cells = plan.cells()
+    assert not any(c.countermeasure == "mix" and c.data == "clean" for c in cells)
+    assert len(cells) == 3 * 4 + 2
+    assert make_plan("quick", victims=["vgg11"], epochs=2, seeds=2).seeds == {"vgg11": 2}
+    with pytest.raises(VerifyError, match="unknown victim"):
+        make_plan("quick", victims=["alexnet"])
+    with pytest.raises(VerifyError, match="unknown countermeasure"):
+        make_plan("quick", countermeasures=["sharpen"])
+
+
+@pytest.mark.slow
+def test_verify_end_to_end_on_real_data(cifar_small: dict, tmp_path: Path) -> None:
+    runner = CliRunner()
+    args = [
+        "verify", str(cifar_small["em"]), "--clean-train", str(cifar_small["clean"]), "--test", str(cifar_small["test"]),
+        "--countermeasures", "none", "--epochs", "10", "--out", str(tmp_path / "report"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    row = report["rows"][0]
+    print({k: round(row[k]["final"]["mean"], 3) for k in ("clean", "control", "protected")})
+    assert row["clean"]["final"]["mean"] >= 0.40
+    assert row["verdict"]["protected"] is True, row
+    card = (tmp_path / "report" / "report.md").read_text()
+    assert "| small-cnn | none |" in card and "protected" in card
+    for plot in ("curves.png", "matrix.png", "examples.png"):
+        with Image.open(tmp_path / "report" / plot) as image:
+            assert image.size[0] > 100
+    # A second run reuses the finished cells instead of retraining.
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "already done" in again.output
