@@ -76,7 +76,6 @@ class RunSummary:
     mean_ssim: float | None = None
     max_levels: int = 0
     labels: str = "none"
-    state_kept: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -371,15 +370,13 @@ def protect_folder(
         summary.mean_psnr = math.inf
     summary.mean_ssim = float(np.mean(ssims)) if ssims else None
     summary.seconds = time.perf_counter() - started
+    # The run is complete: the saved fit (which holds the noise itself) is no longer needed.
+    state.remove()
     if summary.failed:
-        summary.state_kept = True
         reporter.message(
-            f"{len(summary.failed)} file(s) failed; {state.directory} is kept so that --resume can finish the job. "
-            "It contains the noise: delete it before publishing the output.",
+            f"{len(summary.failed)} file(s) failed; fix or remove them and rerun with --overwrite to protect them too",
             "warning",
         )
-    else:
-        state.remove()
     _write_protection(output_dir, generator, resolved, summary, started, fit_info)
     return summary
 

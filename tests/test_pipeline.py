@@ -276,8 +276,8 @@ def test_bad_files_are_reported_and_the_job_goes_on(make_images, tmp_path: Path,
     assert sorted(f.path for f in summary.failed) == sorted(str(p) for p in bad)
     assert all(f.reason for f in summary.failed)
     assert summary.not_images == [str(notes)]
-    check_state = summary.state_kept and (output / STATE_DIR_NAME).exists()
-    assert check_state  # kept so that --resume can finish once the files are fixed
+    # A finished run never leaves the noise behind, failures or not.
+    assert not (output / STATE_DIR_NAME).exists()
     records = read_manifest(output)
     assert sorted(r["input"] for r in records) == sorted(p.relative_to(source).as_posix() for p in good)
     for record in records:
