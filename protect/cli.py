@@ -190,7 +190,10 @@ def _load_plugins() -> None:
         entry_point.load()(app)
 
 
-_load_plugins()
-
 if __name__ == "__main__":
-    app()
+    # Run the importable module's app, so plugins that import protect.cli see one module.
+    from protect.cli import app as installed_app
+
+    installed_app()
+else:
+    _load_plugins()
