@@ -239,8 +239,8 @@ class ClassWiseErrorMinimising(_MinMin):
         # Class noise moves one step per batch; with few batches per pass the surrogate memorises
         # a small set (reaching stop_error) before the noise has become a shortcut.
         batches = -(-n_images // self.config.batch_size)
-        if batches < 10:
-            suggested = max(16, n_images // 10)
+        suggested = n_images // 10
+        if batches < 10 and suggested >= 8:
             reporter.message(
                 f"{self.name}: {n_images} images make only {batches} batch(es) of {self.config.batch_size} per noise "
                 f"pass, too few steps for class noise on a small set; consider --set batch_size={suggested} "
