@@ -100,6 +100,7 @@ class _MinMin(Generator):
         self.rounds_run = 0
         self.final_error: float | None = None
         self.converged = False
+        self._pending_batches: list[torch.Tensor] = []
 
     # storage --------------------------------------------------------------------------
     def _init_noise(self, n_images: int, n_classes: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -126,8 +127,9 @@ class _MinMin(Generator):
         model = build_surrogate(cfg.surrogate, n_classes, device=self.device, seed=self.seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         train_order = self._batches(len(images), gen, shuffle=True)
+        self._pending_batches = []
         for round_index in range(1, cfg.max_rounds + 1):
-            train_order = self._train_surrogate(model, optimizer, x_all, y_all, train_order, gen)
+            self._train_surrogate(model, optimizer, x_all, y_all, train_order)
             n_batches = -(-len(images) // cfg.batch_size)
             with reporter.phase(f"{self.name}: round {round_index} noise pass", total=n_batches) as phase:
                 for idx in next(self._batches(len(images), gen, shuffle=self.shuffle_noise_pass)):
@@ -154,22 +156,20 @@ class _MinMin(Generator):
             order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
             yield list(order.split(self.config.batch_size))
 
-    def _train_surrogate(self, model, optimizer, x_all, y_all, train_order, gen):
+    def _train_surrogate(self, model, optimizer, x_all, y_all, train_order) -> None:
+        """``train_steps`` SGD steps on the noisy data, continuing through shuffled epochs."""
         cfg: ErrorMinimisingConfig = self.config
         model.train().requires_grad_(True)
-        pending = getattr(self, "_pending_batches", [])
         for _ in range(cfg.train_steps):
-            if not pending:
-                pending = next(train_order)
-            idx = pending.pop(0)
+            if not self._pending_batches:
+                self._pending_batches = next(train_order)
+            idx = self._pending_batches.pop(0)
             x, y = self._noisy(x_all, y_all, idx)
             with self.autocast():
                 loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        self._pending_batches = pending
-        return train_order
 
     def _noisy(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x_all[idx].to(self.device)
