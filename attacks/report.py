@@ -50,9 +50,13 @@ def summarise(results: list[dict[str, Any]], num_classes: int) -> list[dict[str,
     rows = []
     for victim, countermeasure in order:
         runs = grouped[(victim, countermeasure)]
+        settings = dict(runs[next(iter(runs))][0]["cell"]["settings"])
+        baseline = "same countermeasure"
         if not runs.get("clean") and plain_clean.get(victim):
-            runs["clean"] = plain_clean[victim]  # mixing clean data into clean data is the clean baseline
-        row: dict[str, Any] = {"victim": victim, "countermeasure": countermeasure, "settings": dict(runs[next(iter(runs))][0]["cell"]["settings"])}
+            runs["clean"] = plain_clean[victim]  # mixing or not run: compare with the plain clean baseline
+            baseline = "plain clean run"
+        row: dict[str, Any] = {"victim": victim, "countermeasure": countermeasure, "settings": settings,
+                               "clean_baseline": baseline}
         for kind in DATA_KINDS:
             if runs.get(kind):
                 row[kind] = {
@@ -174,9 +178,10 @@ def _markdown(rows: list[dict[str, Any]], warnings: list[str], data: VerifyData,
         ]
         verdict = row["verdict"]["text"]
         verdict = f"**{verdict}**" if row["verdict"]["protected"] is False else verdict
-        lines.append(f"| {row['victim']} | {row['countermeasure']} | " + " | ".join(cells) + f" | {verdict} |")
+        star = "*" if row["clean_baseline"] != "same countermeasure" else ""
+        lines.append(f"| {row['victim']} | {row['countermeasure']}{star} | " + " | ".join(cells) + f" | {verdict} |")
     lines += ["", "A row is *protected* when the protected-data victim ends within 10 points of chance or below half "
-              "the clean baseline.", ""]
+              "the clean baseline. Rows marked * compare with the plain clean run (no countermeasure).", ""]
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     lines += [

@@ -57,6 +57,9 @@ class Plan:
     epochs: dict[str, int]
     seeds: dict[str, int]
     per_class: dict[str, int | None] = field(default_factory=dict)
+    # Countermeasures trained on the protected data only; their rows compare with the plain
+    # clean baseline (used by `quick` for adversarial training, which costs 6 plain runs).
+    protected_only: tuple[str, ...] = ()
 
     def cells(self) -> list[Cell]:
         cells = []
@@ -65,6 +68,8 @@ class Plan:
                 for data in DATA_KINDS:
                     if name == "mix" and data == "clean":
                         continue  # a clean set mixed with clean data is the plain clean baseline
+                    if name in self.protected_only and data != "protected":
+                        continue
                     for seed in range(self.seeds[victim]):
                         cells.append(Cell(victim, name, tuple(sorted(settings.items())), data,
                                           self.epochs[victim], seed, self.per_class.get(victim)))
@@ -80,6 +85,7 @@ PRESETS: dict[str, Plan] = {
         countermeasures=[("none", {}), ("jpeg", {}), ("grayscale", {}), ("adv-training", {}), ("mix", {"clean_fraction": 0.5})],
         epochs={"small-cnn": 8},
         seeds={"small-cnn": 1},
+        protected_only=("adv-training",),
     ),
     # Protocol P0 as written in PROTOCOL.md.
     "standard": Plan(
@@ -129,6 +135,7 @@ def make_plan(
         epochs=per_victim(base.epochs, epochs, max(base.epochs.values())),
         seeds=per_victim(base.seeds, seeds, 1),
         per_class={v: base.per_class.get(v) for v in chosen_victims},
+        protected_only=base.protected_only,
     )
 
 

@@ -98,7 +98,8 @@ def test_plan_expansion_and_errors() -> None:
     assert names == ["none", "jpeg", "grayscale", "adv-training", "mix"]
     cells = plan.cells()
     assert not any(c.countermeasure == "mix" and c.data == "clean" for c in cells)
-    assert len(cells) == 3 * 4 + 2
+    assert not any(c.countermeasure == "adv-training" and c.data != "protected" for c in cells)
+    assert len(cells) == 3 * 3 + 2 + 1
     assert make_plan("quick", victims=["vgg11"], epochs=2, seeds=2).seeds == {"vgg11": 2}
     with pytest.raises(VerifyError, match="unknown victim"):
         make_plan("quick", victims=["alexnet"])
