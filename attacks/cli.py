@@ -11,12 +11,11 @@ from typing import Optional
 
 import torch
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from attacks.report import summarise, write_report
 from attacks.verify import VerifyError, load_verify_data, make_plan, run_plan
-from protect.cli import RichReporter, err, fail, out, resolve_device
+from protect.cli import RichReporter, err, fail, out, progress_display, resolve_device
 
 
 def _split(value: Optional[str]) -> list[str] | None:
@@ -55,8 +54,7 @@ def verify(
     started = time.perf_counter()
     cells = plan.cells()
     err.print(f"verify: {len(cells)} training runs ({len(data.clean)} train / {len(data.test)} test images)", highlight=False)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err) as progress:
+    with progress_display() as progress:
         results = run_plan(plan, data, report_dir, device=torch_device, reporter=RichReporter(progress))
     rows = summarise(results, len(data.clean.classes))
     meta = {

@@ -57,6 +57,12 @@ class RichReporter:
         self.progress.console.print(f"[{style}]{prefix}[/{style}]{escape(text)}", markup=True, highlight=False)
 
 
+def progress_display() -> Progress:
+    """The progress bars every command draws on stderr."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=err)
+
+
 class _RichPhase:
     def __init__(self, progress: Progress, task: int) -> None:
         self.progress, self.task = progress, task
@@ -148,8 +154,7 @@ def run(
         overrides = parse_overrides(set_)
     except ConfigError as exc:
         raise fail(str(exc)) from None
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=False) as progress:
+    with progress_display() as progress:
         try:
             summary = protect_folder(
                 method, input_dir, output_dir, eps=eps_value, config_file=config, overrides=overrides,
