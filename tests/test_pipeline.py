@@ -29,7 +29,7 @@ from protect.generator import (
     register,
     resolve_config,
 )
-from protect.images import load_image, scan_folder
+from protect.images import load_image
 from protect.methods.random_noise import RandomNoise
 from protect.pipeline import MANIFEST_NAME, PROTECTION_NAME, STATE_DIR_NAME, UsageError, protect_folder
 
