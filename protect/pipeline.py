@@ -285,8 +285,7 @@ def protect_folder(
             try:
                 image = load_image(entry.path, max_pixels)
             except ImageReadError as exc:
-                summary.failed.append(FileFailure(str(entry.path), exc.reason))
-                reporter.message(str(exc), "error")
+                _record_failure(summary, reporter, entry.path, exc.reason)
             else:
                 for note in image.notes:
                     reporter.message(f"{entry.path}: {note}", "info")
@@ -301,10 +300,10 @@ def protect_folder(
 
     # Phase 2: fit (or restore the fit of the interrupted run).
     fit_info: dict[str, Any]
+    inputs = [[str(item.entry.relpath), item.sha256] for item in items]
     if saved_state is not None:
         tensors, meta = saved_state
-        current = [[str(item.entry.relpath), item.sha256] for item in items]
-        if meta["inputs"] != current:
+        if meta["inputs"] != inputs:
             raise UsageError(
                 f"the images in {input_dir} changed since the interrupted run; use --overwrite to start again"
             )
@@ -330,7 +329,7 @@ def protect_folder(
                 "method": method,
                 "config": resolved,
                 "seed": seed,
-                "inputs": [[str(item.entry.relpath), item.sha256] for item in items],
+                "inputs": inputs,
                 "labels": labels.tolist() if labels is not None else None,
                 "label_source": summary.labels,
                 "fit": fit_info,
@@ -342,7 +341,6 @@ def protect_folder(
     previous = _read_manifest(manifest_path) if resume else {}
     psnrs: list[float] = []
     ssims: list[float] = []
-    class_names = scan.classes
     # Records of files already done are re-appended in order as they are confirmed valid.
     with open(manifest_path, "w", encoding="utf-8") as manifest:
         with reporter.phase(f"protecting with {method}", total=len(items)) as phase:
@@ -358,7 +356,7 @@ def protect_folder(
                     deltas = bounded_perturbation(generator, batch).cpu()
                 for item, delta in zip(chunk, deltas):
                     record = _protect_one(
-                        item, delta, labels, class_names, scan.labelled, generator, output_dir,
+                        item, delta, labels, scan.labelled, generator, output_dir,
                         output_format, max_pixels, previous, summary, reporter, psnrs, ssims,
                     )
                     if record is not None:
@@ -366,8 +364,6 @@ def protect_folder(
                     phase.advance()
 
     summary.mean_psnr = float(np.mean(psnrs)) if psnrs else None
-    if summary.mean_psnr is not None and not math.isfinite(summary.mean_psnr):
-        summary.mean_psnr = math.inf
     summary.mean_ssim = float(np.mean(ssims)) if ssims else None
     summary.seconds = time.perf_counter() - started
     # The run is complete: the saved fit (which holds the noise itself) is no longer needed.
@@ -381,11 +377,15 @@ def protect_folder(
     return summary
 
 
+def _record_failure(summary: RunSummary, reporter: Reporter, path: Path, reason: str) -> None:
+    summary.failed.append(FileFailure(str(path), reason))
+    reporter.message(f"{path}: {reason}", "error")
+
+
 def _protect_one(
     item: _WorkItem,
     delta: torch.Tensor,
     labels: torch.Tensor | None,
-    class_names: list[str],
     labelled: bool,
     generator: Generator,
     output_dir: Path,
@@ -408,13 +408,10 @@ def _protect_one(
     try:
         image = load_image(item.entry.path, max_pixels)
     except ImageReadError as exc:
-        summary.failed.append(FileFailure(str(item.entry.path), exc.reason))
-        reporter.message(str(exc), "error")
+        _record_failure(summary, reporter, item.entry.path, exc.reason)
         return None
     if image.sha256 != item.sha256:
-        reason = "changed while the job was running; rerun to protect the new version"
-        summary.failed.append(FileFailure(str(item.entry.path), reason))
-        reporter.message(f"{item.entry.path}: {reason}", "error")
+        _record_failure(summary, reporter, item.entry.path, "changed while the job was running; rerun to protect the new version")
         return None
     width, height = image.size
     protected = apply_perturbation_uint8(image.rgb, _to_image_size(delta, width, height), generator.config.eps)
