@@ -37,7 +37,7 @@ OUTPUT_FORMATS: dict[str, tuple[str, str, bool, dict]] = {
 class ImageReadError(Exception):
     """An input file could not be used; the message names the file and the reason."""
 
-    def __init__(self, path: Path, reason: str) -> None:
+    def __init__(self, path: Path | str, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
@@ -162,20 +162,35 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Decode one image file fully, or raise :class:`ImageReadError` naming it and the reason."""
     path = Path(path)
     try:
-        # Hash and decode the same bytes, so the manifest describes exactly what was protected.
         data = path.read_bytes()
-        if not data:
-            raise ImageReadError(path, "empty file (0 bytes)")
-        digest = hashlib.sha256(data).hexdigest()
+    except IsADirectoryError:
+        raise ImageReadError(path, "cannot be read: it is a directory") from None
+    except FileNotFoundError:
+        raise ImageReadError(path, "cannot be read: file not found (broken link?)") from None
+    except PermissionError:
+        raise ImageReadError(path, "cannot be read: permission denied") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot be read ({exc})") from None
+    return decode_image(data, path, max_pixels)
+
+
+def decode_image(data: bytes, name: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Decode encoded image bytes (a file's, an archive member's, a table cell's) fully, or raise
+    :class:`ImageReadError` naming ``name`` and the reason."""
+    if not data:
+        raise ImageReadError(name, "empty file (0 bytes)")
+    # Hash and decode the same bytes, so the manifest describes exactly what was protected.
+    digest = hashlib.sha256(data).hexdigest()
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with _open_with_limit(data, max_pixels) as image:
                 if image.format not in ACCEPTED_FORMATS:
-                    raise ImageReadError(path, f"unsupported image format {image.format}")
+                    raise ImageReadError(name, f"unsupported image format {image.format}")
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageReadError(
-                        path,
+                        name,
                         f"too large: {width}x{height} = {width * height:,} pixels exceeds the limit of "
                         f"{max_pixels:,} (possible decompression bomb; raise it with --max-pixels)",
                     )
@@ -186,17 +201,11 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not a recognised image file") from None
+        raise ImageReadError(name, "not a recognised image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(path, f"too large (possible decompression bomb): {exc}") from None
-    except IsADirectoryError:
-        raise ImageReadError(path, "cannot be read: it is a directory") from None
-    except FileNotFoundError:
-        raise ImageReadError(path, "cannot be read: file not found (broken link?)") from None
-    except PermissionError:
-        raise ImageReadError(path, "cannot be read: permission denied") from None
+        raise ImageReadError(name, f"too large (possible decompression bomb): {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from None
+        raise ImageReadError(name, f"truncated or corrupt image data ({exc})") from None
     if "CMYK image converted to RGB" in notes:
         icc = None  # a CMYK profile does not describe the RGB pixels we write
     return LoadedImage(rgb=rgb, alpha=alpha, icc_profile=icc, sha256=digest, notes=notes)
@@ -230,10 +239,9 @@ def atomic_open(path: Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
             tmp.unlink()
 
 
-def save_image_atomic(
-    path: Path, rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, icc_profile: bytes | None = None
+def _encode_to(
+    handle: IO[bytes], rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, icc_profile: bytes | None
 ) -> None:
-    """Encode and write an image so that ``path`` is either absent or complete, never partial."""
     pil_format, _, _, options = OUTPUT_FORMATS[fmt]
     if alpha is not None and pil_format != "JPEG":
         image = Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA")
@@ -242,9 +250,24 @@ def save_image_atomic(
     save_options = dict(options)
     if icc_profile:
         save_options["icc_profile"] = icc_profile
+    image.save(handle, format=pil_format, **save_options)
+
+
+def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, icc_profile: bytes | None = None) -> bytes:
+    """The bytes :func:`save_image_atomic` would write, for outputs that are not plain files
+    (archive members, table cells)."""
+    buffer = io.BytesIO()
+    _encode_to(buffer, rgb, alpha, fmt, icc_profile)
+    return buffer.getvalue()
+
+
+def save_image_atomic(
+    path: Path, rgb: np.ndarray, alpha: np.ndarray | None, fmt: str, icc_profile: bytes | None = None
+) -> None:
+    """Encode and write an image so that ``path`` is either absent or complete, never partial."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as handle:
-        image.save(handle, format=pil_format, **save_options)
+        _encode_to(handle, rgb, alpha, fmt, icc_profile)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

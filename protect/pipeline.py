@@ -121,13 +121,13 @@ def check_paths(input_dir: Path, output_dir: Path, *, resume: bool, overwrite: b
         )
 
 
-def _working_tensor(image: LoadedImage, resolution: int) -> torch.Tensor:
+def working_tensor(image: LoadedImage, resolution: int) -> torch.Tensor:
     """uint8 (3, R, R): the image resized (area-averaged) to the working resolution."""
     small = Image.fromarray(image.rgb).resize((resolution, resolution), Image.Resampling.BOX)
     return torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1)
 
 
-def _to_image_size(delta: torch.Tensor, width: int, height: int) -> np.ndarray:
+def to_image_size(delta: torch.Tensor, width: int, height: int) -> np.ndarray:
     """Map a (3, R, R) working-resolution perturbation to an (H, W, 3) array. Bilinear
     interpolation never leaves the range of its inputs, so the eps ball is kept."""
     if delta.shape[-2:] != (height, width):
@@ -290,7 +290,7 @@ def protect_folder(
                 for note in image.notes:
                     reporter.message(f"{entry.path}: {note}", "info")
                 items.append(_WorkItem(entry, out_names[entry.relpath], image.sha256, len(items)))
-                small.append(_working_tensor(image, config.resolution))
+                small.append(working_tensor(image, config.resolution))
             phase.advance()
     if not items:
         _write_protection(output_dir, generator, resolved, summary, started, {})
@@ -414,7 +414,7 @@ def _protect_one(
         _record_failure(summary, reporter, item.entry.path, "changed while the job was running; rerun to protect the new version")
         return None
     width, height = image.size
-    protected = apply_perturbation_uint8(image.rgb, _to_image_size(delta, width, height), generator.config.eps)
+    protected = apply_perturbation_uint8(image.rgb, to_image_size(delta, width, height), generator.config.eps)
     save_image_atomic(out_path, protected, image.alpha, output_format, image.icc_profile)
     summary.written += 1
     summary.max_levels = max(summary.max_levels, int(np.abs(protected.astype(np.int16) - image.rgb).max()))
