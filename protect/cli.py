@@ -18,6 +18,8 @@ from rich.table import Table
 from protect.config import ConfigError, parse_number, parse_overrides
 from protect.generator import available_methods, describe_fields
 from protect.images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
+from protect.batch.formats import FORMATS, ColumnOptions
+from protect.batch.run import BatchSummary, protect_export
 from protect.pipeline import RunSummary, UsageError, protect_folder
 
 app = typer.Typer(
@@ -171,6 +173,85 @@ def run(
             )
             raise typer.Exit(130) from None
     _print_summary(summary)
+    raise typer.Exit(summary.exit_code)
+
+
+def _print_batch_summary(summary: BatchSummary) -> None:
+    table = Table(title=f"protect batch {summary.method}", show_header=False)
+    table.add_row("source", f"{escape(str(summary.source))} ({summary.input_format})")
+    table.add_row("destination", escape(str(summary.dest)))
+    table.add_row("engine", summary.engine)
+    table.add_row("units", f"{summary.units}" + (f" ({summary.units_resumed} done before resume)" if summary.units_resumed else ""))
+    table.add_row("images written", str(summary.written))
+    if summary.copied:
+        table.add_row("copied unchanged (not images)", str(summary.copied))
+    table.add_row("failed", str(len(summary.failed)))
+    table.add_row("noise fitted", escape(summary.fit))
+    table.add_row("max |out - in|", f"{summary.max_levels} / 255")
+    table.add_row("time", f"{summary.seconds:.1f} s (fit {summary.fit_seconds:.1f} s, apply {summary.apply_seconds:.1f} s)")
+    out.print(table)
+    for key, reason in summary.failed:
+        out.print(f"[red]failed:[/red] {escape(key)}: {escape(reason)}", markup=True, highlight=False)
+
+
+@app.command()
+def batch(
+    method: str = typer.Argument(..., help="Noise method; `protect methods` lists them."),
+    source: Path = typer.Argument(..., help="The export: an image folder, a .csv/.jsonl manifest, .tar shards, "
+                                  ".parquet files or a .zip (a file, or a folder of them). Never modified."),
+    dest: Path = typer.Argument(..., help="Folder for the protected export, in the same format."),
+    input_format: str = typer.Option("auto", "--input-format", help=f"auto, {', '.join(FORMATS)}."),
+    image_column: str = typer.Option("image", "--image-column", help="Manifest/Parquet column holding the image (path or bytes)."),
+    label_column: str = typer.Option("label", "--label-column", help="Manifest/Parquet column holding the label."),
+    caption_column: str = typer.Option("caption", "--caption-column", help="Manifest/Parquet column holding the caption."),
+    eps: Optional[str] = typer.Option(None, "--eps", help="L-inf budget, e.g. 8/255 (default: the method's config)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the method's defaults."),
+    set_: list[str] = typer.Option([], "--set", help="Override one config key, e.g. --set steps=10 (repeatable)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed and input give the same output."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    output_format: str = typer.Option("png", "--format", help=f"Image encoding: {', '.join(OUTPUT_FORMATS)} (png, tiff, webp lossless)."),
+    allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Permit a lossy --format (jpeg); it weakens the protection."),
+    engine: str = typer.Option("local", "--engine", help="local (processes on this machine) or ray (Ray Data)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: a local Ray instance)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel workers (default: up to 4, one per core)."),
+    unit_size: int = typer.Option(256, "--unit-size", help="Records per unit: the grain of parallelism, resume and sample-wise fits."),
+    fit_sample: int = typer.Option(5000, "--fit-sample", help="Images sampled to fit class-wise noise once for the whole export."),
+    protector: Optional[Path] = typer.Option(None, "--protector", help="Reuse a protector saved with --save-protector."),
+    save_protector: Optional[Path] = typer.Option(None, "--save-protector", help="Keep the fitted class-wise protector in this "
+                                                  "folder (outside DEST: it holds the noise)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty DEST, or restart an unfinished job."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard)."),
+) -> None:
+    """Protect a whole dataset export from SOURCE into DEST, same format, streaming and resumable.
+
+    Rerun the same command after an interruption to finish the job. Exit code: 0 every record
+    done, 1 some records failed (listed), 2 usage error.
+    """
+    eps_value = _parse_eps(eps)
+    torch_device = resolve_device(device)
+    try:
+        overrides = parse_overrides(set_)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    columns = ColumnOptions(image=image_column, label=label_column or None, caption=caption_column or None)
+    with progress_display() as progress:
+        try:
+            summary = protect_export(
+                method, source, dest, input_format=input_format, columns=columns, eps=eps_value, config_file=config,
+                overrides=overrides, seed=seed, device=torch_device, output_format=output_format, allow_lossy=allow_lossy,
+                engine=engine, workers=workers, address=address, unit_size=unit_size, fit_sample=fit_sample,
+                protector=protector, save_protector_to=save_protector, overwrite=overwrite, max_pixels=max_pixels,
+                reporter=RichReporter(progress),
+            )
+        except UsageError as exc:
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            err.print(
+                f"[yellow]Interrupted.[/yellow] Finished units are kept; run the same command again to finish into {dest}.",
+                markup=True, highlight=False,
+            )
+            raise typer.Exit(130) from None
+    _print_batch_summary(summary)
     raise typer.Exit(summary.exit_code)
 
 

@@ -70,6 +70,9 @@ class Generator(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     needs_labels: ClassVar[bool] = False
+    #: True when ``perturb`` depends only on the labels (one noise per class): a fit on a sample
+    #: then protects any number of later images, so batch jobs fit it once and can reuse it.
+    noise_per_class: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:

@@ -231,6 +231,7 @@ class SampleWiseErrorMinimising(_MinMin):
 @register("em-classwise")
 class ClassWiseErrorMinimising(_MinMin):
     summary = "Error-minimising noise, one per class (Huang et al., ICLR 2021)."
+    noise_per_class = True
 
     def _init_noise(self, n_images, n_classes, shape, gen):
         return (torch.rand((n_classes, *shape), generator=gen) * 2 - 1) * self.config.eps

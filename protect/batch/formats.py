@@ -1,0 +1,667 @@
+"""One reader/writer pair per export format, behind one small interface.
+
+A format lists its records as *units* (contiguous slices, in source order), reads a unit's
+records back, writes a unit's protected records as a *part*, and joins the parts of one output
+file in order. Every non-image field and the record order are kept; a record whose image
+failed is left out of the output (and reported), never written unprotected.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import stat
+import tarfile
+import zipfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar, Iterable, Iterator
+
+from protect.images import IMAGE_SUFFIXES, atomic_open, output_relpath, scan_folder
+
+
+class FormatError(ValueError):
+    """The source cannot be read as the requested format; the message says why."""
+
+
+@dataclass
+class ColumnOptions:
+    """Where images, labels and captions are in manifests and tables."""
+
+    image: str = "image"
+    label: str | None = "label"
+    caption: str | None = "caption"
+
+
+@dataclass
+class Record:
+    """One source record. ``image`` is the encoded image (None for a record without one, which
+    is passed through unchanged); ``error`` refuses the record before decoding; ``payload`` is
+    what the format needs to write the record back."""
+
+    key: str
+    image: bytes | None
+    label: str | None = None
+    caption: str | None = None
+    error: str | None = None
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A contiguous slice of records that is protected, written and journalled as one.
+
+    ``output`` is the output file its part belongs to ("" when records become loose files)."""
+
+    index: int
+    output: str
+    count: int
+    items: tuple = field(repr=False)
+
+
+ProtectedRecords = Iterable[tuple[Record, bytes | None]]
+
+
+class ExportFormat(ABC):
+    """Reader and writer for one export layout. ``source`` is a file or folder; outputs keep
+    their names relative to it."""
+
+    name: ClassVar[str]
+    #: whether parts are joined into output files (False: records are written straight to DEST)
+    joins_parts: ClassVar[bool] = True
+
+    def __init__(self, source: Path, columns: ColumnOptions, image_suffix: str) -> None:
+        self.source = Path(source)
+        self.columns = columns
+        self.image_suffix = image_suffix
+
+    @abstractmethod
+    def units(self, unit_size: int) -> Iterator[Unit]:
+        """The job's units in source order."""
+
+    @abstractmethod
+    def read(self, unit: Unit) -> Iterator[Record]:
+        """The records of ``unit`` in order."""
+
+    @abstractmethod
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
+        """Write ``unit``'s records, each with its protected image bytes (None: leave it out)."""
+
+    def join(self, output: str, parts: list[Path], dest: Path) -> None:
+        """Join the parts of ``output``, in order, into ``dest / output`` atomically."""
+
+
+# ----------------------------------------------------------------------------------------------
+# archive member checks
+
+
+def unsafe_member_reason(name: str) -> str | None:
+    """Why an archive member name could escape the destination, or None when it is safe."""
+    if not name or "\x00" in name:
+        return "empty or NUL in name"
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":"):
+        return "absolute path"
+    if ".." in PurePosixPath(posix).parts:
+        return "'..' in path"
+    return None
+
+
+def _left_out(record: Record, protected: bytes | None) -> bool:
+    """Whether a record is missing from the output: refused, unreadable, or its image failed."""
+    return record.payload is None or (record.image is not None and protected is None)
+
+
+def _refused(member: str, reason: str) -> str:
+    return f"refused archive member {member!r}: {reason}"
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _with_suffix(name: str, suffix: str, taken: set[PurePosixPath]) -> str:
+    return str(output_relpath(PurePosixPath(name), suffix, taken))
+
+
+def _is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder trees
+
+
+class ImageFolderFormat(ExportFormat):
+    """A folder of images, one subfolder per class (or flat); other files are copied as they are."""
+
+    name = "imagefolder"
+    joins_parts = False
+
+    def units(self, unit_size: int) -> Iterator[Unit]:
+        scan = scan_folder(self.source)
+        taken: set[PurePosixPath] = set()
+        items = [
+            (str(e.relpath), str(output_relpath(e.relpath, self.image_suffix, taken)), e.label) for e in scan.entries
+        ]
+        index = 0
+        for index, chunk in enumerate(_chunks(items, unit_size)):
+            yield Unit(index, "", len(chunk), tuple(chunk))
+        others = tuple((p.relative_to(self.source).as_posix(), None, None) for p in scan.not_images)
+        if others:
+            yield Unit(index + 1 if items else 0, "", len(others), others)
+
+    def read(self, unit: Unit) -> Iterator[Record]:
+        for rel, out_rel, label in unit.items:
+            path = self.source / rel
+            if path.is_symlink() and not path.exists():
+                yield Record(str(path), None, label, error="cannot be read: broken link")
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                yield Record(str(path), None, label, error=f"cannot be read ({exc.strerror or exc})")
+                continue
+            if out_rel is None:  # not an image: copied unchanged
+                yield Record(str(path), None, payload=(rel, data))
+            else:
+                yield Record(str(path), data, label, payload=(out_rel, None))
+
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
+        for record, protected in records:
+            if _left_out(record, protected):
+                continue
+            out_rel, original = record.payload
+            data = protected if record.image is not None else original
+            target = dest / out_rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_open(target, "wb") as handle:
+                handle.write(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV / JSONL manifests
+
+
+class _ManifestFormat(ExportFormat):
+    """A manifest file whose rows name images by path (relative to the manifest's folder).
+
+    Images inside that folder keep their relative path (with the output suffix); others go to
+    ``external/<row>-<name>``. The output manifest has the same rows, fields and order, with the
+    image column pointing at the protected copy."""
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _write_rows(self, handle: io.TextIOBase, rows: Iterable[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def _header(self) -> list[str] | None:
+        return None
+
+    def _output_name(self, row_number: int, value: str, taken: set[PurePosixPath]) -> str:
+        # Paths that leave the manifest's folder, or enter hidden folders (where job state lives), are renamed.
+        if unsafe_member_reason(value) is None and not value.replace("\\", "/").startswith("."):
+            return _with_suffix(PurePosixPath(value.replace("\\", "/")).as_posix(), self.image_suffix, taken)
+        return _with_suffix(f"external/{row_number:08d}-{PurePosixPath(value).name}", self.image_suffix, taken)
+
+    def units(self, unit_size: int) -> Iterator[Unit]:
+        taken: set[PurePosixPath] = set()
+        chunk: list[tuple[int, dict[str, Any], str | None]] = []
+        index = 0
+        for row_number, row in enumerate(self._rows(), start=1):
+            value = row.get(self.columns.image)
+            out = self._output_name(row_number, str(value), taken) if isinstance(value, str) and value else None
+            chunk.append((row_number, row, out))
+            if len(chunk) == unit_size:
+                yield Unit(index, self.source.name, len(chunk), tuple(chunk))
+                chunk, index = [], index + 1
+        if chunk:
+            yield Unit(index, self.source.name, len(chunk), tuple(chunk))
+
+    def read(self, unit: Unit) -> Iterator[Record]:
+        base = self.source.parent
+        for row_number, row, out in unit.items:
+            key = f"{self.source}:row {row_number}"
+            label = _text(row.get(self.columns.label)) if self.columns.label else None
+            caption = _text(row.get(self.columns.caption)) if self.columns.caption else None
+            if out is None:
+                yield Record(key, None, label, caption, error=f"no image path in column {self.columns.image!r}")
+                continue
+            path = base / str(row[self.columns.image])
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                yield Record(f"{key} ({path})", None, label, caption, error=f"cannot be read ({exc.strerror or exc})")
+                continue
+            yield Record(f"{key} ({path})", data, label, caption, payload=(row, out))
+
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
+        rows = []
+        for record, protected in records:
+            if _left_out(record, protected):
+                continue
+            row, out = record.payload
+            target = dest / out
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_open(target, "wb") as handle:
+                handle.write(protected)
+            rows.append({**row, self.columns.image: out})
+        with atomic_open(part, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def join(self, output: str, parts: list[Path], dest: Path) -> None:
+        with atomic_open(dest / output, "w", encoding="utf-8", newline="") as handle:
+            self._write_rows(handle, (json.loads(line) for part in parts for line in _lines(part)))
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as handle:
+        yield from handle
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+class CsvFormat(_ManifestFormat):
+    name = "csv"
+
+    def _header(self) -> list[str]:
+        with open(self.source, encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(handle), None)
+        if not header:
+            raise FormatError(f"{self.source}: empty CSV file, expected a header row")
+        if self.columns.image not in header:
+            raise FormatError(
+                f"{self.source}: no image column {self.columns.image!r}; columns: {', '.join(header)} "
+                "(choose one with --image-column)"
+            )
+        return header
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        self._header()
+        with open(self.source, encoding="utf-8", newline="") as handle:
+            yield from csv.DictReader(handle)
+
+    def _write_rows(self, handle: io.TextIOBase, rows: Iterable[dict[str, Any]]) -> None:
+        writer = csv.DictWriter(handle, fieldnames=self._header(), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+class JsonlFormat(_ManifestFormat):
+    name = "jsonl"
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        with open(self.source, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise FormatError(f"{self.source}: line {number} is not valid JSON ({exc})") from None
+                if not isinstance(row, dict):
+                    raise FormatError(f"{self.source}: line {number} is not a JSON object")
+                yield row
+
+    def _write_rows(self, handle: io.TextIOBase, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# WebDataset-style tar shards
+
+
+LABEL_SUFFIXES = (".cls", ".label")
+CAPTION_SUFFIXES = (".txt", ".caption")
+
+
+def _shards(source: Path, suffix: str) -> list[tuple[Path, str]]:
+    """(path, output name) of every shard: the source itself, or the files under it, sorted."""
+    if source.is_file():
+        return [(source, source.name)]
+    found = sorted(p for p in source.rglob(f"*{suffix}") if p.is_file() and not p.name.startswith("."))
+    return [(p, p.relative_to(source).as_posix()) for p in found]
+
+
+def _sample_key(name: str) -> str:
+    """WebDataset groups members by path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem = base.split(".", 1)[0]
+    return f"{folder}/{stem}" if folder else stem
+
+
+def _tar_member_problem(info: tarfile.TarInfo) -> str | None:
+    reason = unsafe_member_reason(info.name)
+    if reason:
+        return reason
+    if info.issym():
+        return f"symbolic link (to {info.linkname!r})"
+    if info.islnk():
+        return f"hard link (to {info.linkname!r})"
+    if info.ischr() or info.isblk():
+        return "device file"
+    if info.isfifo():
+        return "FIFO"
+    if not (info.isfile() or info.isdir()):
+        return "not a regular file"
+    return None
+
+
+class TarFormat(ExportFormat):
+    """WebDataset shards: uncompressed ``.tar`` files whose consecutive members sharing a key
+    (``000123.jpg``, ``000123.cls``, ``000123.txt``) form one sample. The image member is
+    protected (renamed to the output suffix); the other members are copied unchanged."""
+
+    name = "tar"
+
+    def units(self, unit_size: int) -> Iterator[Unit]:
+        shards = _shards(self.source, ".tar")
+        if not shards:
+            raise FormatError(f"no .tar shards found in {self.source}")
+        index = 0
+        for path, output in shards:
+            for chunk in _chunks(list(self._samples(path)), unit_size):
+                yield Unit(index, output, len(chunk), (str(path), tuple(chunk)))
+                index += 1
+
+    def _samples(self, path: Path) -> Iterator[tuple[str, tuple[tarfile.TarInfo, ...], str | None]]:
+        try:
+            archive = tarfile.open(path, "r:")
+        except tarfile.ReadError as exc:
+            raise FormatError(f"{path}: not an uncompressed tar file ({exc}); decompress compressed shards first") from None
+        key, members, problem = None, [], None
+        with archive:
+            for info in archive:
+                if info.isdir():
+                    continue
+                member_key = _sample_key(info.name)
+                if members and member_key != key:
+                    yield key, tuple(members), problem
+                    members, problem = [], None
+                key = member_key
+                reason = _tar_member_problem(info)
+                if reason and problem is None:
+                    problem = _refused(info.name, reason)
+                members.append(info)
+        if members:
+            yield key, tuple(members), problem
+
+    def read(self, unit: Unit) -> Iterator[Record]:
+        path, samples = unit.items
+        with open(path, "rb") as handle:
+            for key, members, problem in samples:
+                name = f"{path}:{key}"
+                if problem:
+                    yield Record(name, None, error=problem)
+                    continue
+                contents = []
+                for info in members:
+                    handle.seek(info.offset_data)
+                    contents.append(handle.read(info.size))
+                yield self._record(name, members, contents)
+
+    def _record(self, name: str, members: tuple[tarfile.TarInfo, ...], contents: list[bytes]) -> Record:
+        images = [i for i, info in enumerate(members) if _is_image_name(info.name)]
+        label = caption = None
+        for info, data in zip(members, contents):
+            suffix = info.name[len(_sample_key(info.name)) :].lower()
+            if suffix in LABEL_SUFFIXES:
+                label = data.decode("utf-8", "replace").strip()
+            elif suffix in CAPTION_SUFFIXES:
+                caption = data.decode("utf-8", "replace").strip()
+        payload = (members, contents, images[0] if images else None)
+        if len(images) > 1:
+            names = ", ".join(members[i].name for i in images)
+            return Record(name, None, label, caption, error=f"sample has {len(images)} image members ({names}); one per sample is supported")
+        return Record(name, contents[images[0]] if images else None, label, caption, payload=payload)
+
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
+        with atomic_open(part, "wb") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as out:
+            for record, protected in records:
+                if _left_out(record, protected):
+                    continue
+                members, contents, image_at = record.payload
+                for position, (info, data) in enumerate(zip(members, contents)):
+                    member = copy.copy(info)
+                    if position == image_at:
+                        member.name = str(PurePosixPath(info.name).with_suffix(self.image_suffix))
+                        data = protected
+                    member.size = len(data)
+                    out.addfile(member, io.BytesIO(data))
+
+    def join(self, output: str, parts: list[Path], dest: Path) -> None:
+        target = dest / output
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(target, "wb") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as out:
+            for part in parts:
+                with tarfile.open(part, "r:") as archive:
+                    for info in archive:
+                        out.addfile(info, archive.extractfile(info))
+
+
+# ----------------------------------------------------------------------------------------------
+# zip archives
+
+
+def _zip_member_problem(info: zipfile.ZipInfo) -> str | None:
+    reason = unsafe_member_reason(info.filename)
+    if reason:
+        return reason
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if kind == stat.S_IFLNK:
+        return "symbolic link"
+    if kind in (stat.S_IFCHR, stat.S_IFBLK):
+        return "device file"
+    if kind in (stat.S_IFIFO, stat.S_IFSOCK):
+        return "FIFO or socket"
+    return None
+
+
+class ZipFormat(ExportFormat):
+    """A zip archive; image members are protected (renamed to the output suffix), the others
+    copied unchanged. Images inside first-level folders take the folder name as label."""
+
+    name = "zip"
+
+    def units(self, unit_size: int) -> Iterator[Unit]:
+        shards = _shards(self.source, ".zip")
+        if not shards:
+            raise FormatError(f"no .zip archives found in {self.source}")
+        index = 0
+        for path, output in shards:
+            for chunk in _chunks(self._members(path), unit_size):
+                yield Unit(index, output, len(chunk), (str(path), tuple(chunk)))
+                index += 1
+
+    def _members(self, path: Path) -> list[tuple[zipfile.ZipInfo, str | None, str | None]]:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                infos = archive.infolist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise FormatError(f"{path}: not a readable zip archive ({exc})") from None
+        image_names = [i.filename for i in infos if not i.is_dir() and _is_image_name(i.filename)]
+        labelled = bool(image_names) and all(len(PurePosixPath(n).parts) >= 2 for n in image_names)
+        taken: set[PurePosixPath] = set()
+        members = []
+        for info in infos:
+            out = None
+            if not info.is_dir() and _is_image_name(info.filename) and unsafe_member_reason(info.filename) is None:
+                out = _with_suffix(info.filename, self.image_suffix, taken)
+            label = PurePosixPath(info.filename).parts[0] if labelled and out else None
+            members.append((info, out, label))
+        return members
+
+    def read(self, unit: Unit) -> Iterator[Record]:
+        path, members = unit.items
+        with zipfile.ZipFile(path) as archive:
+            for info, out, label in members:
+                name = f"{path}:{info.filename}"
+                problem = _zip_member_problem(info)
+                if problem:
+                    yield Record(name, None, label, error=_refused(info.filename, problem))
+                    continue
+                try:
+                    data = archive.read(info)
+                except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+                    yield Record(name, None, label, error=f"cannot be read from the archive ({exc})")
+                    continue
+                yield Record(name, data if out else None, label, payload=(info, out, data))
+
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
+        with atomic_open(part, "wb") as handle, zipfile.ZipFile(handle, "w") as out:
+            for record, protected in records:
+                if _left_out(record, protected):
+                    continue
+                info, out_name, original = record.payload
+                member = copy.copy(info)
+                if out_name is not None:
+                    member.filename = out_name
+                out.writestr(member, protected if out_name is not None else original)
+
+    def join(self, output: str, parts: list[Path], dest: Path) -> None:
+        target = dest / output
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(target, "wb") as handle, zipfile.ZipFile(handle, "w") as out:
+            for part in parts:
+                with zipfile.ZipFile(part) as archive:
+                    for info in archive.infolist():
+                        out.writestr(info, archive.read(info))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet with an image-bytes column
+
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise FormatError("Parquet needs pyarrow: pip install 'protect[batch]'") from None
+    return pyarrow, pyarrow.parquet
+
+
+class ParquetFormat(ExportFormat):
+    """Parquet files with an image column holding encoded bytes, either plain binary or the
+    ``{bytes, path}`` struct Hugging Face datasets export. One unit per row group; the schema
+    (with its metadata) and the row groups are kept."""
+
+    name = "parquet"
+
+    def units(self, unit_size: int) -> Iterator[Unit]:
+        _, pq = _pyarrow()
+        shards = _shards(self.source, ".parquet")
+        if not shards:
+            raise FormatError(f"no .parquet files found in {self.source}")
+        index = 0
+        for path, output in shards:
+            metadata = pq.ParquetFile(path).metadata
+            names = metadata.schema.to_arrow_schema().names
+            if self.columns.image not in names:
+                raise FormatError(
+                    f"{path}: no image column {self.columns.image!r}; columns: {', '.join(names)} (choose one with --image-column)"
+                )
+            first_row = 0
+            for group in range(metadata.num_row_groups):
+                rows = metadata.row_group(group).num_rows
+                yield Unit(index, output, rows, (str(path), group, first_row))
+                index, first_row = index + 1, first_row + rows
+
+    def read(self, unit: Unit) -> Iterator[Record]:
+        _, pq = _pyarrow()
+        path, group, first_row = unit.items
+        table = pq.ParquetFile(path).read_row_group(group)
+        for offset, row in enumerate(table.to_pylist()):
+            name = f"{path}:row {first_row + offset}"
+            cell = row.get(self.columns.image)
+            data = cell.get("bytes") if isinstance(cell, dict) else cell
+            label = _text(row.get(self.columns.label)) if self.columns.label else None
+            caption = _text(row.get(self.columns.caption)) if self.columns.caption else None
+            if not isinstance(data, (bytes, bytearray)):
+                yield Record(name, None, label, caption, error=f"no image bytes in column {self.columns.image!r}")
+                continue
+            yield Record(name, bytes(data), label, caption, payload=row)
+
+    def _protected_row(self, row: dict[str, Any], protected: bytes) -> dict[str, Any]:
+        cell = row[self.columns.image]
+        if isinstance(cell, dict):
+            path = cell.get("path")
+            if path:
+                path = str(PurePosixPath(path).with_suffix(self.image_suffix))
+            cell = {**cell, "bytes": protected, "path": path}
+        else:
+            cell = protected
+        return {**row, self.columns.image: cell}
+
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
+        pa, pq = _pyarrow()
+        path = unit.items[0]
+        schema = pq.ParquetFile(path).schema_arrow
+        rows = [self._protected_row(r.payload, p) for r, p in records if not _left_out(r, p)]
+        with atomic_open(part, "wb") as handle:
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), handle)
+
+    def join(self, output: str, parts: list[Path], dest: Path) -> None:
+        _, pq = _pyarrow()
+        source = self.source if self.source.is_file() else self.source / output
+        schema = pq.ParquetFile(source).schema_arrow
+        target = dest / output
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(target, "wb") as handle:
+            with pq.ParquetWriter(handle, schema) as writer:
+                for part in parts:
+                    table = pq.read_table(part, schema=schema)
+                    if table.num_rows:
+                        writer.write_table(table)
+
+
+FORMATS: dict[str, type[ExportFormat]] = {
+    cls.name: cls for cls in (ImageFolderFormat, CsvFormat, JsonlFormat, TarFormat, ParquetFormat, ZipFormat)
+}
+_BY_SUFFIX = {".csv": "csv", ".jsonl": "jsonl", ".tar": "tar", ".parquet": "parquet", ".zip": "zip"}
+
+
+def detect_format(source: Path) -> str:
+    """The format of ``source``: by file suffix, or for a folder by the files it holds."""
+    source = Path(source)
+    if source.is_file():
+        name = _BY_SUFFIX.get(source.suffix.lower())
+        if name is None:
+            raise FormatError(
+                f"cannot tell the format of {source} from its suffix; pass --input-format ({', '.join(FORMATS)})"
+            )
+        return name
+    if not source.is_dir():
+        raise FormatError(f"source not found: {source}")
+    for suffix in (".tar", ".parquet", ".zip"):
+        if any(p.suffix.lower() == suffix for p in source.iterdir() if p.is_file()):
+            return _BY_SUFFIX[suffix]
+    return "imagefolder"
+
+
+def open_format(name: str, source: Path, columns: ColumnOptions, image_suffix: str) -> ExportFormat:
+    if name not in FORMATS:
+        raise FormatError(f"unknown input format {name!r}; choose one of {', '.join(FORMATS)}")
+    return FORMATS[name](source, columns, image_suffix)
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files an interrupted atomic write left under ``folder``."""
+    removed = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.unlink(os.path.join(dirpath, name))
+                removed += 1
+    return removed
