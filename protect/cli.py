@@ -105,6 +105,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# Parameters `run` and `batch` share, declared once.
+METHOD_ARGUMENT = typer.Argument(..., help="Noise method; `protect methods` lists them.")
+EPS_OPTION = typer.Option(None, "--eps", help="L-inf budget, e.g. 8/255 (default: the method's config).")
+CONFIG_OPTION = typer.Option(None, "--config", help="YAML file overriding the method's defaults.")
+SET_OPTION = typer.Option([], "--set", help="Override one config key, e.g. --set steps=10 (repeatable).")
+SEED_OPTION = typer.Option(0, "--seed", help="Random seed; the same seed and input give the same output.")
+DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto.")
+FORMAT_OPTION = typer.Option("png", "--format", help=f"Output format: {', '.join(OUTPUT_FORMATS)}. "
+                             "png, tiff and webp are written losslessly.")
+LOSSY_OPTION = typer.Option(False, "--allow-lossy", help="Permit a lossy --format (jpeg); it weakens the protection.")
+MAX_PIXELS_OPTION = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard).")
+
+
+def _method_settings(eps: Optional[str], device: str, set_: list[str]) -> tuple[float | None, torch.device, dict]:
+    """--eps, --device and --set checked, or a usage error naming the bad value."""
+    eps_value = _parse_eps(eps)
+    torch_device = resolve_device(device)
+    try:
+        return eps_value, torch_device, parse_overrides(set_)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+
+
 def _print_summary(summary: RunSummary) -> None:
     table = Table(title=f"protect run {summary.method}", show_header=False)
     table.add_row("input", escape(str(summary.input_dir)))
@@ -123,39 +146,38 @@ def _print_summary(summary: RunSummary) -> None:
     if summary.mean_ssim is not None:
         table.add_row("mean SSIM", f"{summary.mean_ssim:.4f}")
     table.add_row("time", f"{summary.seconds:.1f} s (fit {summary.fit_seconds:.1f} s)")
+    _print_with_failures(table, [(f.path, f.reason) for f in summary.failed])
+
+
+def _print_with_failures(table: Table, failures: list[tuple[str, str]]) -> None:
+    """The summary table on stdout, then one line per failed file or record."""
     out.print(table)
-    for failure in summary.failed:
-        out.print(f"[red]failed:[/red] {escape(failure.path)}: {escape(failure.reason)}", markup=True, highlight=False)
+    for name, reason in failures:
+        out.print(f"[red]failed:[/red] {escape(name)}: {escape(reason)}", markup=True, highlight=False)
 
 
 @app.command()
 def run(
-    method: str = typer.Argument(..., help="Noise method; `protect methods` lists them."),
+    method: str = METHOD_ARGUMENT,
     input_dir: Path = typer.Argument(..., help="Folder of images (read recursively, never modified). "
                                      "One subfolder per class gives labels; a flat folder is clustered."),
     output_dir: Path = typer.Argument(..., help="Where the protected copy goes (must be outside INPUT_DIR)."),
-    eps: Optional[str] = typer.Option(None, "--eps", help="L-inf budget, e.g. 8/255 (default: the method's config)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the method's defaults."),
-    set_: list[str] = typer.Option([], "--set", help="Override one config key, e.g. --set steps=10 (repeatable)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed and input give the same output."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
-    output_format: str = typer.Option("png", "--format", help=f"Output format: {', '.join(OUTPUT_FORMATS)}. "
-                                      "png, tiff and webp are written losslessly."),
-    allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Permit a lossy --format (jpeg); it weakens the protection."),
+    eps: Optional[str] = EPS_OPTION,
+    config: Optional[Path] = CONFIG_OPTION,
+    set_: list[str] = SET_OPTION,
+    seed: int = SEED_OPTION,
+    device: str = DEVICE_OPTION,
+    output_format: str = FORMAT_OPTION,
+    allow_lossy: bool = LOSSY_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run into the same output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder, replacing files."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard)."),
+    max_pixels: int = MAX_PIXELS_OPTION,
 ) -> None:
     """Write a protected copy of INPUT_DIR to OUTPUT_DIR.
 
     Exit code: 0 every image written, 1 some files failed (listed), 2 usage error.
     """
-    eps_value = _parse_eps(eps)
-    torch_device = resolve_device(device)
-    try:
-        overrides = parse_overrides(set_)
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
+    eps_value, torch_device, overrides = _method_settings(eps, device, set_)
     with progress_display() as progress:
         try:
             summary = protect_folder(
@@ -189,14 +211,12 @@ def _print_batch_summary(summary: BatchSummary) -> None:
     table.add_row("noise fitted", escape(summary.fit))
     table.add_row("max |out - in|", f"{summary.max_levels} / 255")
     table.add_row("time", f"{summary.seconds:.1f} s (fit {summary.fit_seconds:.1f} s, apply {summary.apply_seconds:.1f} s)")
-    out.print(table)
-    for key, reason in summary.failed:
-        out.print(f"[red]failed:[/red] {escape(key)}: {escape(reason)}", markup=True, highlight=False)
+    _print_with_failures(table, summary.failed)
 
 
 @app.command()
 def batch(
-    method: str = typer.Argument(..., help="Noise method; `protect methods` lists them."),
+    method: str = METHOD_ARGUMENT,
     source: Path = typer.Argument(..., help="The export: an image folder, a .csv/.jsonl manifest, .tar shards, "
                                   ".parquet files or a .zip (a file, or a folder of them). Never modified."),
     dest: Path = typer.Argument(..., help="Folder for the protected export, in the same format."),
@@ -204,13 +224,13 @@ def batch(
     image_column: str = typer.Option("image", "--image-column", help="Manifest/Parquet column holding the image (path or bytes)."),
     label_column: str = typer.Option("label", "--label-column", help="Manifest/Parquet column holding the label."),
     caption_column: str = typer.Option("caption", "--caption-column", help="Manifest/Parquet column holding the caption."),
-    eps: Optional[str] = typer.Option(None, "--eps", help="L-inf budget, e.g. 8/255 (default: the method's config)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the method's defaults."),
-    set_: list[str] = typer.Option([], "--set", help="Override one config key, e.g. --set steps=10 (repeatable)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed and input give the same output."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
-    output_format: str = typer.Option("png", "--format", help=f"Image encoding: {', '.join(OUTPUT_FORMATS)} (png, tiff, webp lossless)."),
-    allow_lossy: bool = typer.Option(False, "--allow-lossy", help="Permit a lossy --format (jpeg); it weakens the protection."),
+    eps: Optional[str] = EPS_OPTION,
+    config: Optional[Path] = CONFIG_OPTION,
+    set_: list[str] = SET_OPTION,
+    seed: int = SEED_OPTION,
+    device: str = DEVICE_OPTION,
+    output_format: str = FORMAT_OPTION,
+    allow_lossy: bool = LOSSY_OPTION,
     engine: str = typer.Option("local", "--engine", help="local (processes on this machine) or ray (Ray Data)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: a local Ray instance)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel workers (default: up to 4, one per core)."),
@@ -220,19 +240,14 @@ def batch(
     save_protector: Optional[Path] = typer.Option(None, "--save-protector", help="Keep the fitted class-wise protector in this "
                                                   "folder (outside DEST: it holds the noise)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty DEST, or restart an unfinished job."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard)."),
+    max_pixels: int = MAX_PIXELS_OPTION,
 ) -> None:
     """Protect a whole dataset export from SOURCE into DEST, same format, streaming and resumable.
 
     Rerun the same command after an interruption to finish the job. Exit code: 0 every record
     done, 1 some records failed (listed), 2 usage error.
     """
-    eps_value = _parse_eps(eps)
-    torch_device = resolve_device(device)
-    try:
-        overrides = parse_overrides(set_)
-    except ConfigError as exc:
-        raise fail(str(exc)) from None
+    eps_value, torch_device, overrides = _method_settings(eps, device, set_)
     columns = ColumnOptions(image=image_column, label=label_column or None, caption=caption_column or None)
     with progress_display() as progress:
         try:

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import re
 import stat
 import tarfile
 import zipfile
@@ -331,6 +332,8 @@ def _shards(source: Path, suffix: str) -> list[tuple[Path, str]]:
     if source.is_file():
         return [(source, source.name)]
     found = sorted(p for p in source.rglob(f"*{suffix}") if p.is_file() and not p.name.startswith("."))
+    if not found:
+        raise FormatError(f"no {suffix} files found in {source}")
     return [(p, p.relative_to(source).as_posix()) for p in found]
 
 
@@ -366,50 +369,58 @@ class TarFormat(ExportFormat):
     name = "tar"
 
     def units(self, unit_size: int) -> Iterator[Unit]:
+        # A unit is a byte range of one shard (from the header of its first sample to that of
+        # the next unit's), so the plan holds a few numbers per unit whatever the shard size.
         shards = _shards(self.source, ".tar")
-        if not shards:
-            raise FormatError(f"no .tar shards found in {self.source}")
         index = 0
         for path, output in shards:
-            for chunk in _chunks(list(self._samples(path)), unit_size):
-                yield Unit(index, output, len(chunk), (str(path), tuple(chunk)))
+            starts = [offset for _, _, offset in self._samples(path, 0, None)]
+            for first in range(0, len(starts), unit_size):
+                end = starts[first + unit_size] if first + unit_size < len(starts) else None
+                yield Unit(index, output, min(unit_size, len(starts) - first), (str(path), starts[first], end))
                 index += 1
 
-    def _samples(self, path: Path) -> Iterator[tuple[str, tuple[tarfile.TarInfo, ...], str | None]]:
-        try:
-            archive = tarfile.open(path, "r:")
-        except tarfile.ReadError as exc:
-            raise FormatError(f"{path}: not an uncompressed tar file ({exc}); decompress compressed shards first") from None
-        key, members, problem = None, [], None
-        with archive:
-            for info in archive:
+    def _samples(self, path: Path | str, start: int, end: int | None) -> Iterator[tuple[str, list[tarfile.TarInfo], int]]:
+        """(key, members, header offset) of each sample whose first header lies in [start, end)."""
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            try:
+                archive = tarfile.open(fileobj=handle, mode="r:")
+            except tarfile.ReadError as exc:
+                raise FormatError(f"{path}: not an uncompressed tar file ({exc}); decompress compressed shards first") from None
+            key, members, offset = None, [], start
+            while True:
+                info = archive.next()
+                archive.members.clear()  # tarfile keeps every header it reads; we need none
+                if info is None or (end is not None and info.offset >= end):
+                    break
                 if info.isdir():
                     continue
                 member_key = _sample_key(info.name)
                 if members and member_key != key:
-                    yield key, tuple(members), problem
-                    members, problem = [], None
-                key = member_key
-                reason = _tar_member_problem(info)
-                if reason and problem is None:
-                    problem = _refused(info.name, reason)
+                    yield key, members, offset
+                    members = []
+                if not members:
+                    key, offset = member_key, info.offset
                 members.append(info)
-        if members:
-            yield key, tuple(members), problem
+            if members:
+                yield key, members, offset
 
     def read(self, unit: Unit) -> Iterator[Record]:
-        path, samples = unit.items
+        path, start, end = unit.items
         with open(path, "rb") as handle:
-            for key, members, problem in samples:
+            for key, members, _ in self._samples(path, start, end):
                 name = f"{path}:{key}"
-                if problem:
-                    yield Record(name, None, error=problem)
+                problems = [(info.name, _tar_member_problem(info)) for info in members]
+                refused = [_refused(member, reason) for member, reason in problems if reason]
+                if refused:
+                    yield Record(name, None, error="; ".join(refused))
                     continue
                 contents = []
                 for info in members:
                     handle.seek(info.offset_data)
                     contents.append(handle.read(info.size))
-                yield self._record(name, members, contents)
+                yield self._record(name, tuple(members), contents)
 
     def _record(self, name: str, members: tuple[tarfile.TarInfo, ...], contents: list[bytes]) -> Record:
         images = [i for i, info in enumerate(members) if _is_image_name(info.name)]
@@ -476,8 +487,6 @@ class ZipFormat(ExportFormat):
 
     def units(self, unit_size: int) -> Iterator[Unit]:
         shards = _shards(self.source, ".zip")
-        if not shards:
-            raise FormatError(f"no .zip archives found in {self.source}")
         index = 0
         for path, output in shards:
             for chunk in _chunks(self._members(path), unit_size):
@@ -562,8 +571,6 @@ class ParquetFormat(ExportFormat):
     def units(self, unit_size: int) -> Iterator[Unit]:
         _, pq = _pyarrow()
         shards = _shards(self.source, ".parquet")
-        if not shards:
-            raise FormatError(f"no .parquet files found in {self.source}")
         index = 0
         for path, output in shards:
             metadata = pq.ParquetFile(path).metadata
@@ -657,11 +664,15 @@ def open_format(name: str, source: Path, columns: ColumnOptions, image_suffix: s
 
 
 def remove_stale_temporaries(folder: Path) -> int:
-    """Delete the temporary files an interrupted atomic write left under ``folder``."""
+    """Delete the temporary files an interrupted atomic write left under ``folder``
+    (``.NAME.<32 hex>.tmp``, the names :func:`protect.images.atomic_open` uses)."""
     removed = 0
     for dirpath, _, filenames in os.walk(folder):
         for name in filenames:
-            if name.startswith(".") and name.endswith(".tmp"):
+            if _ATOMIC_TEMPORARY.match(name):
                 os.unlink(os.path.join(dirpath, name))
                 removed += 1
     return removed
+
+
+_ATOMIC_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")

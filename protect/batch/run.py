@@ -33,7 +33,7 @@ from protect.batch.journal import Journal, JournalState
 from protect.batch.unit import (
     PROTECTOR_TENSORS,
     JobSpec,
-    _decoded,
+    decoded_records,
     label_tensor,
     new_generator,
     read_protector_meta,
@@ -288,7 +288,7 @@ def _fit_protector(job: JobSpec, units: list[Unit], folder: Path, fit_sample: in
     with reporter.phase("reading the fit sample", total=min(fit_sample, sum(u.count for u in units))) as phase:
         for unit in units:
             taken = 0
-            for record, image, problem in _decoded(fmt.read(unit), job):
+            for record, image, problem in decoded_records(fmt.read(unit), job):
                 if taken == per_unit or len(small) == fit_sample:
                     break
                 if image is None or problem is not None:

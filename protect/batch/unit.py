@@ -140,7 +140,7 @@ def _fit_labels(generator: Generator, images: torch.Tensor, names: list[str | No
     return pseudo_labels(images, k, surrogate=generator.config.surrogate, device=generator.device, seed=generator.seed)
 
 
-def _decoded(records: Iterable[Record], job: JobSpec) -> Iterator[tuple[Record, LoadedImage | None, str | None]]:
+def decoded_records(records: Iterable[Record], job: JobSpec) -> Iterator[tuple[Record, LoadedImage | None, str | None]]:
     """Each record with its decoded image (None when there is none to protect) and, when it
     cannot be used, the reason."""
     for record in records:
@@ -225,7 +225,7 @@ def _fit_unit(job: JobSpec, unit: Unit, fmt: ExportFormat) -> tuple[Generator, L
     """Fit a fresh generator on the unit's own images (sample-wise methods optimise shard by shard)."""
     generator = new_generator(job, unit_seed(job.seed, unit.index))
     small, names = [], []
-    for record, image, problem in _decoded(fmt.read(unit), job):
+    for record, image, problem in decoded_records(fmt.read(unit), job):
         if image is not None and problem is None:
             small.append(working_tensor(image, generator.config.resolution))
             names.append(record.label)
@@ -249,7 +249,7 @@ def _protect_records(
     pending: list[tuple[Record, LoadedImage | None, int | None, int]] = []
     images_pending = 0
     position = 0
-    for record, image, problem in _decoded(records, job):
+    for record, image, problem in decoded_records(records, job):
         if problem is None and image is not None:
             try:
                 label = label_of(record, position)
