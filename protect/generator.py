@@ -90,6 +90,10 @@ class Generator(ABC):
     def perturb(self, batch: Batch) -> torch.Tensor:
         """Return float32 (N, 3, R, R) perturbations for ``batch`` (before projection)."""
 
+    def fit_summary(self) -> dict[str, Any]:
+        """JSON-ready facts about the last :meth:`fit` (rounds, convergence), recorded with the output."""
+        return {}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors that, loaded into a fresh generator with the same config, reproduce ``perturb``."""
         return {}

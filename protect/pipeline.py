@@ -317,11 +317,7 @@ def protect_folder(
         fit_start = time.perf_counter()
         generator.fit(images, labels, reporter)
         summary.fit_seconds = time.perf_counter() - fit_start
-        fit_info = {
-            key: getattr(generator, key)
-            for key in ("rounds_run", "final_error", "converged")
-            if hasattr(generator, key)
-        }
+        fit_info = generator.fit_summary()
         fit_info["seconds"] = round(summary.fit_seconds, 3)
         state.save(
             generator,

@@ -126,3 +126,38 @@ def build_surrogate(name: str, num_classes: int, *, device: torch.device | str =
         torch.manual_seed(seed)
         model = SURROGATES[name](num_classes)
     return model.to(device=device, memory_format=torch.channels_last)
+
+
+def sgd_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+    autocast: torch.autocast,
+) -> float:
+    """One cross-entropy training step on a batch (images float in [0, 1]); returns the loss."""
+    with autocast:
+        loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def train_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch_for: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    n_images: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    autocast: torch.autocast,
+    on_epoch: Callable[[], None] | None = None,
+) -> None:
+    """Train ``epochs`` shuffled epochs; ``batch_for(indices)`` returns (images, labels) on the
+    model's device."""
+    model.train().requires_grad_(True)
+    for _ in range(epochs):
+        for idx in torch.randperm(n_images, generator=generator).split(batch_size):
+            sgd_step(model, optimizer, *batch_for(idx), autocast)
+        if on_epoch is not None:
+            on_epoch()

@@ -35,7 +35,9 @@ from protect.pipeline import MANIFEST_NAME, PROTECTION_NAME, STATE_DIR_NAME, Usa
 
 METHODS = sorted(available_methods())
 # Settings that keep every method fast on tiny inputs; each method takes the keys it has.
-FAST_SETTINGS: dict[str, Any] = {"steps": 2, "max_rounds": 2, "resolution": 16, "train_steps": 2}
+FAST_SETTINGS: dict[str, Any] = {
+    "steps": 2, "max_rounds": 2, "resolution": 16, "train_steps": 2, "rounds": 2, "warmup_epochs": 1, "retrain_epochs": 1,
+}
 
 
 def fast(method: str, **extra: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ Defaults follow the official code (HanxunH/Unlearnable-Examples); see ``configs/
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from protect.budget import project_linf, signed_gradient_step
 from protect.generator import Batch, Generator, MethodConfig, register
 from protect.progress import NullReporter, Reporter
-from protect.surrogates import SURROGATES, build_surrogate
+from protect.surrogates import SURROGATES, build_surrogate, sgd_step
 
 
 @dataclass
@@ -164,12 +165,7 @@ class _MinMin(Generator):
             if not self._pending_batches:
                 self._pending_batches = next(train_order)
             idx = self._pending_batches.pop(0)
-            x, y = self._noisy(x_all, y_all, idx)
-            with self.autocast():
-                loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            sgd_step(model, optimizer, *self._noisy(x_all, y_all, idx), self.autocast())
 
     def _noisy(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x_all[idx].to(self.device)
@@ -198,6 +194,9 @@ class _MinMin(Generator):
             with self.autocast():
                 wrong += int((model(x).argmax(1) != y).sum())
         return wrong / len(x_all)
+
+    def fit_summary(self) -> dict[str, Any]:
+        return {"rounds_run": self.rounds_run, "final_error": self.final_error, "converged": self.converged}
 
     def perturb(self, batch: Batch) -> torch.Tensor:
         if self.noise is None:
