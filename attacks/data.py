@@ -116,3 +116,13 @@ def load_pairs(protected_dir: Path | str, clean_dir: Path | str, *, size: int = 
         ImageSet(torch.stack(clean_images), label_tensor, classes, paths),
         ImageSet(torch.stack(protected_images), label_tensor.clone(), classes, paths),
     )
+
+
+def mix_with_clean(protected: ImageSet, clean: ImageSet, clean_fraction: float, seed: int) -> ImageSet:
+    """Replace a random ``clean_fraction`` of the protected images by their clean originals
+    (the two sets aligned image by image)."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    chosen = torch.randperm(len(protected), generator=gen)[: round(clean_fraction * len(protected))]
+    images = protected.images.clone()
+    images[chosen] = clean.images[chosen]
+    return ImageSet(images, protected.labels, protected.classes, protected.paths)

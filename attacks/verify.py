@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
-from attacks.data import ImageSet, load_image_folder, load_pairs
+from attacks.data import ImageSet, load_image_folder, load_pairs, mix_with_clean
 from attacks.train import TrainConfig, train_classifier
 from attacks.victims import VICTIM_LR, VICTIMS, build_victim
 from protect.budget import perturb_uint8
@@ -200,15 +200,6 @@ def _subset(data: ImageSet, per_class: int | None) -> ImageSet:
     return ImageSet(data.images[index], data.labels[index], data.classes, [data.paths[i] for i in keep])
 
 
-def _mix_with_clean(noisy: ImageSet, clean: ImageSet, clean_fraction: float, seed: int) -> ImageSet:
-    """Replace a random ``clean_fraction`` of the images by their clean originals."""
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    chosen = torch.randperm(len(noisy), generator=gen)[: round(clean_fraction * len(noisy))]
-    images = noisy.images.clone()
-    images[chosen] = clean.images[chosen]
-    return ImageSet(images, noisy.labels, noisy.classes, noisy.paths)
-
-
 def victim_train_config(victim: str, epochs: int, n_train: int) -> TrainConfig:
     """P0's batch of 512 for full-size sets; on small sets a batch of about 1/20 of the data (at
     least 32), so each epoch still takes ~20 steps, with the learning rate scaled by the square
@@ -222,7 +213,7 @@ def run_cell(cell: Cell, data: VerifyData, *, device: torch.device, reporter: Re
     settings = dict(cell.settings)
     train = data.training_set(cell.data)
     if cell.countermeasure == "mix":
-        train = _mix_with_clean(train, data.clean, settings["clean_fraction"], cell.seed)
+        train = mix_with_clean(train, data.clean, settings["clean_fraction"], cell.seed)
     train = _subset(train, cell.per_class)
     countermeasure = build_countermeasure(cell.countermeasure, **settings)
     model = build_victim(cell.victim, len(data.clean.classes), seed=cell.seed, image_size=data.clean.images.shape[-1])

@@ -1,7 +1,7 @@
 """Protocol P0 verification matrix (victims x countermeasures) through `protect verify`.
 
 Protects the P0 train subset with each method (reusing benchmarks/results/p0/<method> when
-p0_em.py already wrote it), runs `protect verify` with the chosen preset, and prints the
+p0.py already wrote it), runs `protect verify` with the chosen preset, and prints the
 matrix with its wall time.
 
     python benchmarks/p0_verify.py --preset quick                 # ~15 min per method on 2 cores
@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from p0_em import build_subset  # noqa: E402
+from p0 import build_subset  # noqa: E402
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
-"""Protocol P0 (../shared/PROTOCOL.md) for the foundation methods: clean / random /
-em-classwise / em-samplewise, small-CNN victim, 3 seeds.
+"""Protocol P0 (../shared/PROTOCOL.md): clean vs each method, small-CNN victim, 3 seeds,
+optionally with part of the protected set replaced by the clean originals (``--mix``).
 
 Generation runs through the real CLI (`protect run`) on a folder of the P0 train subset;
 victims train on the written files. Prints a Markdown table and writes JSON next to it.
 
-    python benchmarks/p0_em.py                      # full P0 for these methods
-    python benchmarks/p0_em.py --seeds 1 --epochs 5 # a quicker look
+    python benchmarks/p0.py                                  # random, em-classwise, em-samplewise
+    python benchmarks/p0.py --methods bayes,em-samplewise,random --mix 0,0.5,0.8 --reuse
+    python benchmarks/p0.py --seeds 1 --epochs 5             # a quicker look
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from attacks.data import load_image_folder
+from attacks.data import load_image_folder, load_pairs, mix_with_clean
 from attacks.train import TrainConfig, train_classifier
 from attacks.victims import build_victim
 
@@ -62,6 +63,25 @@ def generate(method: str, subset: Path, out: Path, seed: int) -> dict:
     }
 
 
+def recorded_generation(out: Path, earlier: dict | None) -> dict:
+    """Generation figures of an earlier run: as measured then (``earlier``, from results.json),
+    or from its protection.json, which does not record peak memory."""
+    if earlier:
+        return {**earlier, "reused": True}
+    record = json.loads((out / "protection.json").read_text())
+    summary = record["summary"]
+    return {
+        "seconds": summary.get("seconds"),
+        "fit_seconds": record["fit"].get("seconds"),
+        "fit": record["fit"],
+        "peak_rss_mib": None,
+        "images_per_s": summary["written"] / summary["seconds"] if summary.get("seconds") else None,
+        "psnr": summary["mean_psnr_db"],
+        "ssim": summary["mean_ssim"],
+        "reused": True,
+    }
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{100 * values[0]:.2f}"
@@ -75,6 +95,8 @@ def main() -> None:
     parser.add_argument("--methods", default="random,em-classwise,em-samplewise")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--mix", default="0", help="comma-separated clean fractions, e.g. 0,0.5,0.8")
+    parser.add_argument("--reuse", action="store_true", help="reuse a method's protected folder when it exists")
     parser.add_argument("--resnet", action="store_true", help="add the ResNet-18 transfer check (500/class, 8 epochs, 1 seed)")
     args = parser.parse_args()
 
@@ -86,12 +108,24 @@ def main() -> None:
     test = load_image_folder(cifar / "test", per_class=200)
     clean = load_image_folder(subset, classes=test.classes)
 
+    mixes = [float(m) for m in args.mix.split(",")]
+    results_path = args.work / "results.json"
+    earlier = json.loads(results_path.read_text()) if results_path.exists() else {}
     rows: dict[str, dict] = {"clean": {"train": clean}}
     for method in [m for m in args.methods.split(",") if m]:
         out = args.work / method
-        print(f"generating {method} ...", file=sys.stderr, flush=True)
-        gen = generate(method, subset, out, seed=0)
-        rows[method] = {"gen": gen, "train": load_image_folder(out, classes=test.classes)}
+        if args.reuse and (out / "protection.json").exists():
+            print(f"reusing {out}", file=sys.stderr, flush=True)
+            gen = recorded_generation(out, (earlier.get(method) or {}).get("generation"))
+        else:
+            print(f"generating {method} ...", file=sys.stderr, flush=True)
+            gen = generate(method, subset, out, seed=0)
+        clean_pairs, protected = load_pairs(out, subset)
+        for mix in mixes:
+            train = mix_with_clean(protected, clean_pairs, mix, seed=0) if mix else protected
+            rows[method if mix == 0 else f"{method} + {mix:.0%} clean"] = {
+                "gen": gen, "train": train, "mix": mix, "folder": out,
+            }
 
     results = {}
     for name, row in rows.items():
@@ -103,14 +137,14 @@ def main() -> None:
             peaks.append(result.peak)
             times.append(result.seconds)
             print(f"{name} seed {seed}: final {result.final:.4f} peak {result.peak:.4f} ({result.seconds:.0f} s)", file=sys.stderr, flush=True)
-        entry = {"final": finals, "peak": peaks, "train_seconds": times, "generation": row.get("gen")}
-        if args.resnet:
-            half = load_image_folder(subset if name == "clean" else args.work / name, per_class=500, classes=test.classes)
+        entry = {"final": finals, "peak": peaks, "train_seconds": times, "generation": row.get("gen"), "mix": row.get("mix", 0)}
+        if args.resnet and not row.get("mix"):
+            half = load_image_folder(row.get("folder", subset), per_class=500, classes=test.classes)
             result = train_classifier(build_victim("resnet18", len(test.classes)), half, test, TrainConfig(epochs=8, lr=0.1))
             entry["resnet18"] = {"final": result.final, "peak": result.peak, "seconds": result.seconds}
         results[name] = entry
 
-    (args.work / "results.json").write_text(json.dumps(results, indent=2))
+    results_path.write_text(json.dumps({**earlier, **results}, indent=2, default=str))
     header = "| data | small CNN test acc % (final) | peak % | gen time s | gen img/s | gen peak RSS MiB | PSNR dB | SSIM |"
     if args.resnet:
         header += " ResNet-18 % |"
@@ -125,12 +159,12 @@ def main() -> None:
             mean_std(entry["peak"]),
             f"{gen['seconds']:.0f}" if gen else "-",
             f"{gen['images_per_s']:.0f}" if gen else "-",
-            f"{gen['peak_rss_mib']:.0f}" if gen else "-",
+            f"{gen['peak_rss_mib']:.0f}" if gen.get("peak_rss_mib") else "-",
             f"{gen['psnr']:.2f}" if gen else "-",
             f"{gen['ssim']:.4f}" if gen else "-",
         ]
         if args.resnet:
-            cells.append(f"{100 * entry['resnet18']['final']:.2f}")
+            cells.append(f"{100 * entry['resnet18']['final']:.2f}" if "resnet18" in entry else "-")
         print("| " + " | ".join(cells) + " |")
 
 
