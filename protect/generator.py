@@ -117,6 +117,29 @@ class Generator(ABC):
         return torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+class StoredNoiseGenerator(Generator):
+    """A generator whose fit produces a noise tensor, one row per image, looked up by index in
+    :meth:`perturb`; the tensor is its whole state."""
+
+    def __init__(self, config: MethodConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        super().__init__(config, device=device, seed=seed)
+        self.noise: torch.Tensor | None = None
+
+    def _stored_noise(self) -> torch.Tensor:
+        if self.noise is None:
+            raise RuntimeError(f"{self.name}: call fit() (or load_state_dict()) before perturb()")
+        return self.noise
+
+    def perturb(self, batch: Batch) -> torch.Tensor:
+        return self._stored_noise()[batch.indices.cpu()].to(batch.images.device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.noise is None else {"noise": self.noise}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.noise = state["noise"].float()
+
+
 def bounded_perturbation(generator: Generator, batch: Batch) -> torch.Tensor:
     """The perturbation of ``batch`` projected onto the eps ball and the [0, 1] pixel range."""
     delta = generator.perturb(batch).to(batch.images.device, torch.float32)

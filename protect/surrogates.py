@@ -9,11 +9,14 @@ Both take float images in [0, 1] and normalise inside, so perturbations live in 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from protect.generator import MethodConfig
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -116,6 +119,32 @@ SURROGATES: dict[str, Callable[[int], nn.Module]] = {
     "small-cnn": SmallCNN,
     "resnet18": ResNet18,
 }
+
+
+@dataclass
+class SurrogateMethodConfig(MethodConfig):
+    """Settings of methods that optimise noise against a surrogate classifier.
+
+    surrogate: ``small-cnn`` (CPU default) or ``resnet18``.
+    lr / momentum / weight_decay: surrogate SGD settings.
+    pseudo_label_k: clusters used as labels when the input folder has none.
+    """
+
+    surrogate: str = "small-cnn"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    pseudo_label_k: int = 10
+
+    def validate(self) -> None:
+        super().validate()
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {', '.join(SURROGATES)}; got {self.surrogate!r}")
+        if self.pseudo_label_k < 2:
+            raise ValueError(f"pseudo_label_k must be at least 2; got {self.pseudo_label_k}")
+
+    def sgd(self, model: nn.Module) -> torch.optim.SGD:
+        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 def build_surrogate(name: str, num_classes: int, *, device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:

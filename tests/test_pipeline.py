@@ -389,7 +389,7 @@ def test_usage_errors_from_the_api(make_images, tmp_path: Path) -> None:
     source = tmp_path / "input"
     with pytest.raises(UsageError, match="inside the input folder"):
         protect_folder("random", source, source / "out")
-    with pytest.raises(UsageError, match="available: em-classwise"):
+    with pytest.raises(UsageError, match="available: bayes, em-classwise"):
         protect_folder("nope", source, tmp_path / "out")
     with pytest.raises(UsageError, match="valid keys"):
         protect_folder("random", source, tmp_path / "out", overrides={"steps": 2})
@@ -619,7 +619,7 @@ def test_config_errors_name_key_and_source(tmp_path: Path) -> None:
         resolve_config("em-samplewise", overrides={"surrogate": "vgg"})
     with pytest.raises(ConfigError, match="not found"):
         resolve_config("random", config_file=tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="unknown method 'nope'; available: em-classwise, em-samplewise"):
+    with pytest.raises(ConfigError, match="unknown method 'nope'; available: bayes, em-classwise, em-samplewise"):
         resolve_config("nope")
 
 

@@ -30,26 +30,22 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from protect.budget import project_to_valid, signed_gradient_step
-from protect.generator import Batch, Generator, MethodConfig, register
+from protect.generator import StoredNoiseGenerator, register
 from protect.progress import NullReporter, Reporter
-from protect.surrogates import SURROGATES, build_surrogate, train_epochs
+from protect.surrogates import SurrogateMethodConfig, build_surrogate, train_epochs
 
 
 @dataclass
-class BayesErrorConfig(MethodConfig):
-    """surrogate: ``small-cnn`` (CPU default) or ``resnet18``.
-    rounds: passes of projected gradient ascent over the whole set.
+class BayesErrorConfig(SurrogateMethodConfig):
+    """rounds: passes of projected gradient ascent over the whole set.
     steps / step_size: ascent steps per batch in each round, and their L-inf step.
     bandwidth_scale: RBF width as a multiple of the median pairwise feature distance.
     chunk_size: kernel columns computed at once (bounds memory; does not change results).
     warmup_epochs: surrogate epochs on the clean data before the first round.
     retrain_every / retrain_epochs: re-train the surrogate on the protected data every this
         many rounds (0 = never), for this many epochs.
-    lr / momentum / weight_decay: surrogate SGD settings.
-    pseudo_label_k: clusters used as labels when the input folder has none.
     """
 
-    surrogate: str = "small-cnn"
     rounds: int = 5
     steps: int = 10
     step_size: float = 1 / 255
@@ -58,23 +54,15 @@ class BayesErrorConfig(MethodConfig):
     warmup_epochs: int = 20
     retrain_every: int = 1
     retrain_epochs: int = 2
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    pseudo_label_k: int = 10
 
     def validate(self) -> None:
         super().validate()
-        if self.surrogate not in SURROGATES:
-            raise ValueError(f"surrogate must be one of {', '.join(SURROGATES)}; got {self.surrogate!r}")
         if self.rounds < 1 or self.steps < 1:
             raise ValueError("rounds and steps must be >= 1")
         if self.bandwidth_scale <= 0 or self.step_size <= 0:
             raise ValueError("bandwidth_scale and step_size must be positive")
         if self.chunk_size < 1 or self.warmup_epochs < 0 or self.retrain_every < 0 or self.retrain_epochs < 0:
             raise ValueError("chunk_size must be >= 1; warmup_epochs, retrain_every, retrain_epochs >= 0")
-        if self.pseudo_label_k < 2:
-            raise ValueError(f"pseudo_label_k must be at least 2; got {self.pseudo_label_k}")
 
 
 # The estimator ----------------------------------------------------------------------------
@@ -217,14 +205,13 @@ def bayes_error_ascent(
 
 
 @register("bayes")
-class BayesErrorMaximising(Generator):
+class BayesErrorMaximising(StoredNoiseGenerator):
     summary = "Bayes-error maximisation by projected gradient ascent, one noise per image (Zhang et al., AAAI 2026)."
     config_class = BayesErrorConfig
     needs_labels = True
 
     def __init__(self, config: BayesErrorConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
         super().__init__(config, device=device, seed=seed)
-        self.noise: torch.Tensor | None = None
         self.estimates: list[dict[str, float]] = []
 
     def fit(self, images: torch.Tensor, labels: torch.Tensor | None, reporter: Reporter | None = None) -> None:
@@ -239,7 +226,7 @@ class BayesErrorMaximising(Generator):
         self.noise = torch.zeros_like(x_all)
         self.estimates = []
         model = build_surrogate(cfg.surrogate, n_classes, device=self.device, seed=self.seed)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizer = cfg.sgd(model)
         self._train(model, optimizer, x_all, y_all, cfg.warmup_epochs, gen, reporter, "surrogate warm-up on clean data")
         for round_index in range(1, cfg.rounds + 1):
             if round_index > 1 and cfg.retrain_every and (round_index - 1) % cfg.retrain_every == 0:
@@ -293,14 +280,3 @@ class BayesErrorMaximising(Generator):
 
     def fit_summary(self) -> dict:
         return {"rounds_run": len(self.estimates), "estimated_bayes_error": self.estimates}
-
-    def perturb(self, batch: Batch) -> torch.Tensor:
-        if self.noise is None:
-            raise RuntimeError("bayes: call fit() (or load_state_dict()) before perturb()")
-        return self.noise[batch.indices.cpu()].to(batch.images.device)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {} if self.noise is None else {"noise": self.noise}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.noise = state["noise"].float()

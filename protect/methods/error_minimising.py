@@ -23,43 +23,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from protect.budget import project_linf, signed_gradient_step
-from protect.generator import Batch, Generator, MethodConfig, register
+from protect.generator import Batch, StoredNoiseGenerator, register
 from protect.progress import NullReporter, Reporter
-from protect.surrogates import SURROGATES, build_surrogate, sgd_step
+from protect.surrogates import SurrogateMethodConfig, build_surrogate, sgd_step
 
 
 @dataclass
-class ErrorMinimisingConfig(MethodConfig):
-    """surrogate: ``small-cnn`` (CPU default) or ``resnet18`` (official).
+class ErrorMinimisingConfig(SurrogateMethodConfig):
+    """The official surrogate is ``resnet18``; ``small-cnn`` is the CPU default.
     steps / step_size: PGD steps per batch in each noise pass, and their L-inf step.
     train_steps: surrogate SGD steps between noise passes.
     stop_error: stop once the surrogate's error on the noisy data is at most this.
     max_rounds: give up (with a warning) after this many train+noise rounds.
-    lr / momentum / weight_decay: surrogate SGD settings.
-    pseudo_label_k: clusters used as labels when the input folder has none.
     """
 
-    surrogate: str = "small-cnn"
     steps: int = 20
     step_size: float = 0.8 / 255
     train_steps: int = 10
     stop_error: float = 0.01
     max_rounds: int = 50
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    pseudo_label_k: int = 10
 
     def validate(self) -> None:
         super().validate()
-        if self.surrogate not in SURROGATES:
-            raise ValueError(f"surrogate must be one of {', '.join(SURROGATES)}; got {self.surrogate!r}")
         if self.steps < 1 or self.train_steps < 0 or self.max_rounds < 1:
             raise ValueError("steps and max_rounds must be >= 1, train_steps >= 0")
         if not 0 <= self.stop_error < 1:
             raise ValueError(f"stop_error must be in [0, 1); got {self.stop_error}")
-        if self.pseudo_label_k < 2:
-            raise ValueError(f"pseudo_label_k must be at least 2; got {self.pseudo_label_k}")
 
 
 def min_min_pgd(
@@ -88,7 +77,7 @@ def min_min_pgd(
     return delta.detach()
 
 
-class _MinMin(Generator):
+class _MinMin(StoredNoiseGenerator):
     """The shared min-min loop; subclasses say how noise is stored and updated."""
 
     config_class = ErrorMinimisingConfig
@@ -97,7 +86,6 @@ class _MinMin(Generator):
 
     def __init__(self, config: ErrorMinimisingConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
         super().__init__(config, device=device, seed=seed)
-        self.noise: torch.Tensor | None = None
         self.rounds_run = 0
         self.final_error: float | None = None
         self.converged = False
@@ -126,7 +114,7 @@ class _MinMin(Generator):
         y_all = labels.long()
         self.noise = self._init_noise(len(images), n_classes, tuple(images.shape[1:]), gen)
         model = build_surrogate(cfg.surrogate, n_classes, device=self.device, seed=self.seed)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizer = cfg.sgd(model)
         train_order = self._batches(len(images), gen, shuffle=True)
         self._pending_batches = []
         for round_index in range(1, cfg.max_rounds + 1):
@@ -199,17 +187,10 @@ class _MinMin(Generator):
         return {"rounds_run": self.rounds_run, "final_error": self.final_error, "converged": self.converged}
 
     def perturb(self, batch: Batch) -> torch.Tensor:
-        if self.noise is None:
-            raise RuntimeError(f"{self.name}: call fit() (or load_state_dict()) before perturb()")
+        self._stored_noise()
         if batch.labels is None:
             raise ValueError(f"{self.name}: perturb() needs the labels the noise was fitted with")
         return self._noise_for(batch.indices.cpu(), batch.labels.cpu()).to(batch.images.device)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {} if self.noise is None else {"noise": self.noise}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.noise = state["noise"].float()
 
 
 @register("em-samplewise")
