@@ -116,6 +116,9 @@ FORMAT_OPTION = typer.Option("png", "--format", help=f"Output format: {', '.join
                              "png, tiff and webp are written losslessly.")
 LOSSY_OPTION = typer.Option(False, "--allow-lossy", help="Permit a lossy --format (jpeg); it weakens the protection.")
 MAX_PIXELS_OPTION = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard).")
+PROTECTOR_OPTION = typer.Option(None, "--protector", help="Reuse a protector saved with --save-protector: nothing is fitted.")
+SAVE_PROTECTOR_OPTION = typer.Option(None, "--save-protector", help="Keep the fitted protector in this folder, to protect "
+                                     "later images without fitting (outside the output: it holds the noise).")
 
 
 def _method_settings(eps: Optional[str], device: str, set_: list[str]) -> tuple[float | None, torch.device, dict]:
@@ -172,6 +175,8 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run into the same output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder, replacing files."),
     max_pixels: int = MAX_PIXELS_OPTION,
+    protector: Optional[Path] = PROTECTOR_OPTION,
+    save_protector: Optional[Path] = SAVE_PROTECTOR_OPTION,
 ) -> None:
     """Write a protected copy of INPUT_DIR to OUTPUT_DIR.
 
@@ -184,6 +189,7 @@ def run(
                 method, input_dir, output_dir, eps=eps_value, config_file=config, overrides=overrides,
                 seed=seed, device=torch_device, output_format=output_format, allow_lossy=allow_lossy,
                 resume=resume, overwrite=overwrite, max_pixels=max_pixels, reporter=RichReporter(progress),
+                protector=protector, save_protector_to=save_protector,
             )
         except UsageError as exc:
             raise fail(str(exc)) from None
@@ -236,9 +242,8 @@ def batch(
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel workers (default: up to 4, one per core)."),
     unit_size: int = typer.Option(256, "--unit-size", help="Records per unit: the grain of parallelism, resume and sample-wise fits."),
     fit_sample: int = typer.Option(5000, "--fit-sample", help="Images sampled to fit class-wise noise once for the whole export."),
-    protector: Optional[Path] = typer.Option(None, "--protector", help="Reuse a protector saved with --save-protector."),
-    save_protector: Optional[Path] = typer.Option(None, "--save-protector", help="Keep the fitted class-wise protector in this "
-                                                  "folder (outside DEST: it holds the noise)."),
+    protector: Optional[Path] = PROTECTOR_OPTION,
+    save_protector: Optional[Path] = SAVE_PROTECTOR_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty DEST, or restart an unfinished job."),
     max_pixels: int = MAX_PIXELS_OPTION,
 ) -> None:

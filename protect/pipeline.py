@@ -223,6 +223,8 @@ def protect_folder(
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     reporter: Reporter | None = None,
+    protector: Path | str | None = None,
+    save_protector_to: Path | str | None = None,
 ) -> RunSummary:
     """Write a protected copy of ``input_dir`` into ``output_dir`` with ``method``.
 
@@ -231,6 +233,11 @@ def protect_folder(
     ``protection.json`` (resolved config, seed, versions, summary). Raises :class:`UsageError`
     before writing anything when the request itself is wrong; per-file problems are reported in
     the returned summary instead.
+
+    ``protector``: a folder written by ``save_protector_to`` (or ``protect batch``): its fitted
+    state is loaded and nothing is fitted. ``save_protector_to``: keep the fitted state there
+    (outside both folders: it holds the noise) for methods whose fit protects later images
+    (class-wise noise on labelled folders, ``clusters``).
     """
     started = time.perf_counter()
     reporter = reporter or NullReporter()
@@ -244,7 +251,11 @@ def protect_folder(
             "Pass --allow-lossy to write it anyway, or use png (default), tiff or webp (lossless)."
         )
     check_paths(input_dir, output_dir, resume=resume, overwrite=overwrite)
+    _check_protector_folder(save_protector_to, input_dir, output_dir)
     try:
+        reused = _protector_settings(protector, method, eps, config_file, overrides)
+        if reused is not None:
+            config_file, overrides, eps = None, reused["config"], None
         config = resolve_config(method, config_file=config_file, overrides=overrides, eps=eps)
         generator = create_generator(method, config, device=device, seed=seed)
     except ConfigError as exc:
@@ -255,6 +266,11 @@ def protect_folder(
         )
 
     scan = scan_folder(input_dir)
+    if save_protector_to is not None and not _fit_is_reusable(generator, scan.labelled):
+        raise UsageError(
+            f"{method} cannot save a protector for {input_dir}: its noise belongs to the images it was fitted on; "
+            "protectors are kept for class-wise methods on labelled folders and for clusters"
+        )
     if not scan.entries:
         kinds = ", ".join(sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES))
         raise UsageError(f"no images found in {input_dir} (looked for: {kinds})")
@@ -312,6 +328,15 @@ def protect_folder(
         summary.labels = meta["label_source"]
         fit_info = meta["fit"]
         reporter.message(f"resuming: fitted {method} restored from {state.directory}")
+    elif reused is not None:
+        labels = _protector_labels(reused, scan, items)
+        try:
+            generator.load_state_dict(reused["tensors"])
+        except ValueError as exc:
+            raise UsageError(f"{protector}: {exc}") from None
+        summary.labels = f"protector classes ({len(reused['classes'])})" if labels is not None else "none"
+        fit_info = {"protector_sha256": reused["digest"], "protector_fitted_on": reused.get("fitted_on")}
+        reporter.message(f"reusing the {method} protector saved in {protector}: nothing is fitted")
     else:
         labels, summary.labels = _assign_labels(scan, items, images, generator, reporter)
         fit_start = time.perf_counter()
@@ -331,6 +356,9 @@ def protect_folder(
                 "fit": fit_info,
             },
         )
+
+    if save_protector_to is not None and reused is None:
+        _save_fitted_protector(Path(save_protector_to), generator, resolved, scan, len(items), fit_info, reporter)
 
     # Phase 3: apply at full resolution and write.
     manifest_path = output_dir / MANIFEST_NAME
@@ -371,6 +399,72 @@ def protect_folder(
         )
     _write_protection(output_dir, generator, resolved, summary, started, fit_info)
     return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# protectors: a fitted state kept to protect later images without fitting again (the format of
+# ``protect batch``: protector.safetensors + protector.json)
+
+
+def _check_protector_folder(folder: Path | str | None, input_dir: Path, output_dir: Path) -> None:
+    if folder is None:
+        return
+    target = Path(folder).resolve()
+    for name, where in (("output", output_dir), ("input", input_dir)):
+        if target == where.resolve() or target.is_relative_to(where.resolve()):
+            raise UsageError(
+                f"--save-protector {folder} is inside the {name} folder {where}: the protector holds the noise, and "
+                "whoever has it can remove the protection; keep it somewhere private"
+            )
+
+
+def _fit_is_reusable(generator: Generator, labelled: bool) -> bool:
+    return bool(getattr(generator, "protects_new_images", False)) or (generator.noise_per_class and labelled)
+
+
+def _protector_settings(
+    protector: Path | str | None, method: str, eps: float | None, config_file: Path | None, overrides: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """A saved protector's metadata and tensors, checked against the request (None: no protector)."""
+    if protector is None:
+        return None
+    # protect.batch imports this module, so its protector helpers are imported here.
+    from protect.batch.run import _resolve as resolve_with_protector
+    from protect.batch.unit import PROTECTOR_TENSORS
+
+    try:
+        _, meta = resolve_with_protector(method, eps, config_file, overrides, protector)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    return {**meta, "tensors": load_file(str(Path(protector) / PROTECTOR_TENSORS))}
+
+
+def _protector_labels(reused: dict[str, Any], scan: FolderScan, items: list[_WorkItem]) -> torch.Tensor | None:
+    """Labels in the protector's class order (class-wise protectors), or None."""
+    classes = reused.get("classes") or []
+    if not classes:
+        return None
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({item.entry.label for item in items if item.entry.label not in index}, key=str)
+    if not scan.labelled or unknown:
+        raise UsageError(
+            f"the protector holds one noise per class ({', '.join(classes)}); {scan.root} must use those class "
+            f"subfolders" + (f" (not: {', '.join(map(str, unknown))})" if scan.labelled else "")
+        )
+    return torch.tensor([index[item.entry.label] for item in items], dtype=torch.long)
+
+
+def _save_fitted_protector(
+    folder: Path, generator: Generator, resolved: dict[str, Any], scan: FolderScan, fitted_on: int,
+    fit_info: dict[str, Any], reporter: Reporter,
+) -> None:
+    from protect.batch.unit import save_protector  # protect.batch imports this module, see above
+
+    classes = list(scan.classes) if generator.noise_per_class else []
+    meta = {"method": generator.name, "config": resolved, "seed": generator.seed, "classes": classes,
+            "fitted_on": fitted_on, "fit": fit_info}
+    save_protector(folder, generator, meta)
+    reporter.message(f"protector saved to {folder}; it holds the noise, keep it private", "warning")
 
 
 def _record_failure(summary: RunSummary, reporter: Reporter, path: Path, reason: str) -> None:

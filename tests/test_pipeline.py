@@ -37,6 +37,9 @@ METHODS = sorted(available_methods())
 # Settings that keep every method fast on tiny inputs; each method takes the keys it has.
 FAST_SETTINGS: dict[str, Any] = {
     "steps": 2, "max_rounds": 2, "resolution": 16, "train_steps": 2, "rounds": 2, "warmup_epochs": 1, "retrain_epochs": 1,
+    # clusters: a tiny randomly initialised CLIP shipped with the package (no weights, no network)
+    "epochs": 1, "surrogate_model": "protect-tiny-clip", "surrogate_weights": "random",
+    "generator_width": 8, "generator_blocks": 1,
 }
 
 
@@ -389,7 +392,7 @@ def test_usage_errors_from_the_api(make_images, tmp_path: Path) -> None:
     source = tmp_path / "input"
     with pytest.raises(UsageError, match="inside the input folder"):
         protect_folder("random", source, source / "out")
-    with pytest.raises(UsageError, match="available: bayes, em-classwise"):
+    with pytest.raises(UsageError, match="available: bayes, clusters, em-classwise"):
         protect_folder("nope", source, tmp_path / "out")
     with pytest.raises(UsageError, match="valid keys"):
         protect_folder("random", source, tmp_path / "out", overrides={"steps": 2})
@@ -619,7 +622,7 @@ def test_config_errors_name_key_and_source(tmp_path: Path) -> None:
         resolve_config("em-samplewise", overrides={"surrogate": "vgg"})
     with pytest.raises(ConfigError, match="not found"):
         resolve_config("random", config_file=tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="unknown method 'nope'; available: bayes, em-classwise, em-samplewise"):
+    with pytest.raises(ConfigError, match="unknown method 'nope'; available: bayes, clusters, em-classwise, em-samplewise"):
         resolve_config("nope")
 
 
