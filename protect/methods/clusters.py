@@ -58,7 +58,8 @@ class UnlearnableClustersConfig(MethodConfig):
     clusters / target_offset: K, and which centre cluster k is pushed to ((k + offset) mod K).
     epochs / lr / weight_decay / min_lr: generator training per cluster (Adam, cosine to min_lr).
     generator_width / generator_blocks: channels of the first layer and residual blocks.
-    budget_map: ``clamp`` the tanh output to [-eps, eps] (official) or ``scale`` it by eps.
+    budget_map: ``scale`` the tanh output by eps (default), or ``clamp`` it to [-eps, eps] as the
+        official code does (zero gradient wherever |tanh| > eps, most pixels at initialisation).
     """
 
     eps: float = 16 / 255
@@ -76,7 +77,7 @@ class UnlearnableClustersConfig(MethodConfig):
     min_lr: float = 1e-6
     generator_width: int = 64
     generator_blocks: int = 6
-    budget_map: str = "clamp"
+    budget_map: str = "scale"
     kmeans_iterations: int = 100
 
     def validate(self) -> None:
