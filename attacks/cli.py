@@ -39,16 +39,19 @@ def verify(
     report_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: PROTECTED-verify beside it). "
                                               "Finished cells there are reused."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    relabel: Optional[str] = typer.Option(None, "--relabel", help="Labels the victims train and test with: true (default), "
+                                          "coarse:FILE (class groups, e.g. configs/relabel/cifar10-coarse.yaml) or "
+                                          "kmeans[:K] (clusters of the clean images)."),
 ) -> None:
     """Train victims on clean, random-noise and protected data; write a protection card."""
     torch_device = resolve_device(device)
     report_dir = report_dir or protected.parent / f"{protected.name.rstrip('/')}-verify"
     try:
         plan = make_plan(preset, victims=_split(victims), countermeasures=_split(countermeasures),
-                         epochs=epochs, seeds=seeds, clean_fraction=mix)
+                         epochs=epochs, seeds=seeds, clean_fraction=mix, relabel=relabel)
         if report_dir.resolve().is_relative_to(protected.resolve()):
             raise VerifyError("--out must not be inside the protected folder")
-        data = load_verify_data(protected, clean_train, test, resolution=resolution)
+        data = load_verify_data(protected, clean_train, test, resolution=resolution, relabel=plan.relabel)
     except VerifyError as exc:
         raise fail(str(exc)) from None
     started = time.perf_counter()
@@ -61,6 +64,7 @@ def verify(
         "protected": str(protected), "clean_train": str(clean_train), "test": str(test), "preset": preset,
         "plan": {"victims": plan.victims, "countermeasures": plan.countermeasures, "epochs": plan.epochs,
                  "seeds": plan.seeds, "per_class": plan.per_class},
+        "relabel": plan.relabel or "true", "labelling": data.labelling,
         "device": str(torch_device), "seconds": time.perf_counter() - started,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "protect": metadata.version("protect")},
     }

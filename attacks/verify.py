@@ -18,6 +18,7 @@ import torch
 
 from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
 from attacks.data import ImageSet, load_image_folder, load_pairs, mix_with_clean
+from attacks.relabel import RelabelError, describe, parse_spec, relabel_sets
 from attacks.train import TrainConfig, train_classifier
 from attacks.victims import VICTIM_LR, VICTIMS, build_victim
 from protect.budget import perturb_uint8
@@ -42,9 +43,13 @@ class Cell:
     epochs: int
     seed: int
     per_class: int | None = None
+    relabel: str | None = None
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if fields["relabel"] is None:
+            del fields["relabel"]  # cells of runs with the true labels keep their earlier keys
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -60,6 +65,8 @@ class Plan:
     # Countermeasures trained on the protected data only; their rows compare with the plain
     # clean baseline (used by `quick` for adversarial training, which costs 6 plain runs).
     protected_only: tuple[str, ...] = ()
+    # The victims' labelling (attacks.relabel); None: the true labels.
+    relabel: str | None = None
 
     def cells(self) -> list[Cell]:
         cells = []
@@ -72,7 +79,7 @@ class Plan:
                         continue
                     for seed in range(self.seeds[victim]):
                         cells.append(Cell(victim, name, tuple(sorted(settings.items())), data,
-                                          self.epochs[victim], seed, self.per_class.get(victim)))
+                                          self.epochs[victim], seed, self.per_class.get(victim), self.relabel))
         return cells
 
 
@@ -106,8 +113,9 @@ def make_plan(
     epochs: int | None = None,
     seeds: int | None = None,
     clean_fraction: float = 0.5,
+    relabel: str | None = None,
 ) -> Plan:
-    """A preset, with any of its lists or numbers replaced."""
+    """A preset, with any of its lists or numbers replaced; ``relabel`` as in attacks.relabel."""
     if preset not in PRESETS:
         raise VerifyError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
     base = PRESETS[preset]
@@ -136,7 +144,16 @@ def make_plan(
         seeds=per_victim(base.seeds, seeds, 1),
         per_class={v: base.per_class.get(v) for v in chosen_victims},
         protected_only=base.protected_only,
+        relabel=_checked_relabel(relabel),
     )
+
+
+def _checked_relabel(spec: str | None) -> str | None:
+    try:
+        checked = parse_spec(spec)
+    except RelabelError as exc:
+        raise VerifyError(str(exc)) from None
+    return None if checked == "true" else checked
 
 
 @dataclass
@@ -149,6 +166,7 @@ class VerifyData:
     test: ImageSet
     protection: dict[str, Any]
     eps: float
+    labelling: str = "the true labels (the clean folders' class names)"
 
     def training_set(self, data: str) -> ImageSet:
         return {"clean": self.clean, "control": self.control, "protected": self.protected}[data]
@@ -166,10 +184,12 @@ def random_control(clean: ImageSet, eps: float, seed: int) -> ImageSet:
 
 
 def load_verify_data(
-    protected_dir: Path, clean_dir: Path, test_dir: Path, *, resolution: int = 32, seed: int = 0
+    protected_dir: Path, clean_dir: Path, test_dir: Path, *, resolution: int = 32, seed: int = 0,
+    relabel: str | None = None,
 ) -> VerifyData:
     """Pair protected files with their clean originals (by the manifest of ``protect run``,
-    else by relative path), read the test set, and build the random control."""
+    else by relative path), read the test set, and build the random control; ``relabel``
+    (attacks.relabel) gives every set the labels a victim would use instead of the true ones."""
     for label, path in (("protected", protected_dir), ("--clean-train", clean_dir), ("--test", test_dir)):
         if not Path(path).is_dir():
             raise VerifyError(f"{label} folder not found: {path}")
@@ -185,7 +205,12 @@ def load_verify_data(
     protection_file = Path(protected_dir) / "protection.json"
     protection = json.loads(protection_file.read_text()) if protection_file.exists() else {}
     eps = float(protection.get("config", {}).get("eps", 8 / 255))
-    return VerifyData(clean, random_control(clean, eps, seed), protected, test, protection, eps)
+    spec = _checked_relabel(relabel) or "true"
+    try:
+        (clean, control, protected), test = relabel_sets(spec, [clean, random_control(clean, eps, seed), protected], test, seed=seed)
+    except RelabelError as exc:
+        raise VerifyError(str(exc)) from None
+    return VerifyData(clean, control, protected, test, protection, eps, describe(spec))
 
 
 def _subset(data: ImageSet, per_class: int | None) -> ImageSet:
