@@ -55,12 +55,16 @@ class Batch:
     """A batch at the working resolution.
 
     images: float32 (N, 3, R, R) in [0, 1]; labels: int64 (N,) or None;
-    indices: int64 (N,) positions in the dataset the generator was fitted on.
+    indices: int64 (N,) positions in the dataset the generator was fitted on;
+    paths: the images' paths relative to the input folder (POSIX; in a labelled folder the
+    first part is the class), when the caller knows them (methods that describe images by
+    text look their captions up by path).
     """
 
     images: torch.Tensor
     labels: torch.Tensor | None
     indices: torch.Tensor
+    paths: list[str] | None = None
 
 
 class Generator(ABC):

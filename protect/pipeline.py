@@ -375,9 +375,14 @@ def protect_folder(
                     images=images[index].float().div(255).to(generator.device),
                     labels=labels[index].to(generator.device) if labels is not None else None,
                     indices=index.to(generator.device),
+                    paths=[str(item.entry.relpath) for item in chunk],
                 )
-                with torch.no_grad():
-                    deltas = bounded_perturbation(generator, batch).cpu()
+                try:
+                    with torch.no_grad():
+                        deltas = bounded_perturbation(generator, batch).cpu()
+                except ConfigError as exc:
+                    # e.g. an image with no caption in the captions file: files written so far are complete
+                    raise UsageError(str(exc)) from None
                 for item, delta in zip(chunk, deltas):
                     record = _protect_one(
                         item, delta, labels, scan.labelled, generator, output_dir,
