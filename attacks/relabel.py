@@ -89,8 +89,9 @@ def _with_labels(images: ImageSet, labels: torch.Tensor, classes: list[str]) -> 
 def relabel_sets(
     spec: str, train_sets: list[ImageSet], test: ImageSet, *, seed: int = 0
 ) -> tuple[list[ImageSet], ImageSet]:
-    """The training sets (aligned image by image with ``train_sets[0]``, the clean one) and the
-    test set with the labels ``spec`` gives; the clean images alone define them."""
+    """The training sets and the test set with the labels ``spec`` gives. ``train_sets[0]`` is
+    the clean set; for ``kmeans`` the others must be aligned with it image by image (its
+    clusters label them), for ``coarse`` each set's own classes are mapped."""
     kind, _, arg = parse_spec(spec).partition(":")
     if kind == "true":
         return train_sets, test
@@ -98,12 +99,12 @@ def relabel_sets(
     if kind == "coarse":
         names, group_of = coarse_groups(Path(arg), clean.classes)
         lookup = torch.tensor([group_of[c] for c in clean.classes])
-        train_labels, test_labels = lookup[clean.labels], lookup[test.labels]
-    else:
-        k = min(int(arg), len(clean))
-        features = surrogate_features(torch.cat([clean.images, test.images]), surrogate="small-cnn",
-                                      device=torch.device("cpu"), seed=seed)
-        train_labels, centres = kmeans(features[: len(clean)], k, seed=seed)
-        test_labels = torch.cdist(features[len(clean):], centres).argmin(dim=1)
-        names = [f"cluster-{i}" for i in range(k)]
+        coarse_sets = [_with_labels(s, lookup[s.labels], names) for s in train_sets]
+        return coarse_sets, _with_labels(test, lookup[test.labels], names)
+    k = min(int(arg), len(clean))
+    features = surrogate_features(torch.cat([clean.images, test.images]), surrogate="small-cnn",
+                                  device=torch.device("cpu"), seed=seed)
+    train_labels, centres = kmeans(features[: len(clean)], k, seed=seed)
+    test_labels = torch.cdist(features[len(clean):], centres).argmin(dim=1)
+    names = [f"cluster-{i}" for i in range(k)]
     return [_with_labels(s, train_labels.clone(), names) for s in train_sets], _with_labels(test, test_labels, names)
