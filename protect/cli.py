@@ -21,6 +21,7 @@ from protect.images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
 from protect.batch.formats import FORMATS, ColumnOptions
 from protect.batch.run import BatchSummary, protect_export
 from protect.pipeline import RunSummary, UsageError, protect_folder
+from protect.t2ue_cli import app as t2ue_app
 
 app = typer.Typer(
     help="Make image folders unlearnable: add bounded, imperceptible noise so that models "
@@ -177,12 +178,16 @@ def run(
     max_pixels: int = MAX_PIXELS_OPTION,
     protector: Optional[Path] = PROTECTOR_OPTION,
     save_protector: Optional[Path] = SAVE_PROTECTOR_OPTION,
+    captions: Optional[Path] = typer.Option(None, "--captions", help="For text-driven methods (t2ue): a .csv/.jsonl of "
+                                            "image (path relative to INPUT_DIR), caption. Same as --set captions=FILE."),
 ) -> None:
     """Write a protected copy of INPUT_DIR to OUTPUT_DIR.
 
     Exit code: 0 every image written, 1 some files failed (listed), 2 usage error.
     """
     eps_value, torch_device, overrides = _method_settings(eps, device, set_)
+    if captions is not None:
+        overrides["captions"] = str(captions)
     with progress_display() as progress:
         try:
             summary = protect_folder(
@@ -288,6 +293,9 @@ def methods(keys: bool = typer.Option(False, "--keys", help="Also list each meth
         if keys:
             table.add_row("", "", "[dim]keys: " + ", ".join(describe_fields(cls.config_class)) + "[/dim]")
     out.print(table)
+
+
+app.add_typer(t2ue_app, name="t2ue")
 
 
 def _load_plugins() -> None:
