@@ -40,6 +40,8 @@ FAST_SETTINGS: dict[str, Any] = {
     # clusters: a tiny randomly initialised CLIP shipped with the package (no weights, no network)
     "epochs": 1, "surrogate_model": "protect-tiny-clip", "surrogate_weights": "random",
     "generator_width": 8, "generator_blocks": 1,
+    # t2ue: an untrained generator over the same tiny CLIP's text embeddings
+    "generator": "random",
 }
 
 
@@ -188,7 +190,8 @@ def test_generator_interface(method: str) -> None:
     labels = torch.tensor([0, 1, 0, 1, 0, 1])
     first = create_generator(method, config, seed=1)
     first.fit(images, labels)
-    batch = Batch(images=images.float().div(255), labels=labels, indices=torch.arange(n))
+    paths = [f"{('cat', 'dog')[int(label)]}/{i}.png" for i, label in enumerate(labels)]
+    batch = Batch(images=images.float().div(255), labels=labels, indices=torch.arange(n), paths=paths)
     with torch.no_grad():
         delta = bounded_perturbation(first, batch)
     assert delta.shape == (n, 3, r, r) and delta.dtype == torch.float32
