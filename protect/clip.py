@@ -14,7 +14,9 @@ Nothing here downloads. The architecture is built from open_clip's config by nam
 
 ``weights="random"`` keeps the random initialisation (seeded): for tests and experiments only.
 The tiny architecture ``protect-tiny-clip`` (ViT, 32 px, 2 layers, 32-d embedding, small text
-tower) ships with the package so tests build a CLIP without any network or weights.
+tower) ships with the package so tests build a CLIP without any network or weights;
+``protect-small-clip`` (ViT, 32 px, 4x4 patches, 4 layers, 128-d) is a small CLIP to train from
+scratch on CIFAR-size image-text pairs (a surrogate or a contrastive victim on a CPU).
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ def _open_clip() -> Any:
         raise ImportError(
             "CLIP surrogates need open_clip: pip install 'protect[clip]' (or pip install open-clip-torch)"
         ) from None
-    if TINY_TEST_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(_CONFIG_DIR / f"{TINY_TEST_MODEL}.json")
+    known = set(open_clip.list_models())
+    for config in sorted(_CONFIG_DIR.glob("*.json")):
+        if config.stem not in known:
+            open_clip.add_model_config(config)
     return open_clip
 
 
