@@ -27,7 +27,7 @@ def verify(
     clean_train: Path = typer.Option(..., "--clean-train", help="The clean originals (ImageFolder: one subfolder per class)."),
     test: Path = typer.Option(..., "--test", help="Clean test set (ImageFolder), disjoint from the training data."),
     preset: str = typer.Option("quick", "--preset", help="quick (minutes on a CPU) or standard (protocol P0)."),
-    victims: Optional[str] = typer.Option(None, "--victims", help="Comma list: small-cnn, resnet18, vgg11, vit-small."),
+    victims: Optional[str] = typer.Option(None, "--victims", help="Comma list: small-cnn, resnet18, vgg11, vit-small; clip-tiny, clip-small (contrastive, with template captions)."),
     countermeasures: Optional[str] = typer.Option(
         None, "--countermeasures",
         help="Comma list: none, jpeg, grayscale, bit-depth, blur, cutout, mixup, cutmix, adv-training, ueraser-lite, mix.",

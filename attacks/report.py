@@ -65,6 +65,8 @@ def summarise(results: list[dict[str, Any]], num_classes: int) -> list[dict[str,
                     "curve": np.mean([r["test_accuracy"] for r in runs[kind]], axis=0).tolist(),
                     "seconds": sum(r["seconds"] for r in runs[kind]),
                 }
+                if all("recall" in r for r in runs[kind]):  # contrastive victims: mean retrieval recall
+                    row[kind]["recall"] = {k: float(np.mean([r["recall"][k] for r in runs[kind]])) for k in runs[kind][0]["recall"]}
         row["verdict"] = _verdict(row, chance)
         rows.append(row)
     return rows
@@ -180,6 +182,16 @@ def _markdown(rows: list[dict[str, Any]], warnings: list[str], data: VerifyData,
         verdict = f"**{verdict}**" if row["verdict"]["protected"] is False else verdict
         star = "*" if row["clean_baseline"] != "same countermeasure" else ""
         lines.append(f"| {row['victim']} | {row['countermeasure']}{star} | " + " | ".join(cells) + f" | {verdict} |")
+    recall_rows = [row for row in rows if any("recall" in (row.get(kind) or {}) for kind in DATA_KINDS)]
+    if recall_rows:
+        lines += ["", "Contrastive victims (clip-*) report zero-shot accuracy above; their retrieval recall on the clean "
+                  "test pairs (%, image->text / text->image, R@1/5/10):", ""]
+        for row in recall_rows:
+            for kind in DATA_KINDS:
+                recall = (row.get(kind) or {}).get("recall")
+                if recall:
+                    shown = " ".join(f"{100 * recall[f'{d}_r{k}']:.1f}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10))
+                    lines.append(f"- {row['victim']} / {row['countermeasure']} / {kind}: {shown}")
     lines += ["", "A row is *protected* when the protected-data victim ends within 10 points of chance or below half "
               "the clean baseline. Rows marked * compare with the plain clean run (no countermeasure).", ""]
     if warnings:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from attacks.contrastive import CONTRASTIVE_VICTIMS, class_caption_list, contrastive_cell
 from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
 from attacks.data import ImageSet, load_image_folder, load_pairs, mix_with_clean
 from attacks.relabel import RelabelError, describe, parse_spec, relabel_sets
@@ -121,8 +122,8 @@ def make_plan(
     base = PRESETS[preset]
     chosen_victims = victims or base.victims
     for victim in chosen_victims:
-        if victim not in VICTIMS:
-            raise VerifyError(f"unknown victim {victim!r}; available: {', '.join(VICTIMS)}")
+        if victim not in VICTIMS and victim not in CONTRASTIVE_VICTIMS:
+            raise VerifyError(f"unknown victim {victim!r}; available: {', '.join([*VICTIMS, *CONTRASTIVE_VICTIMS])}")
     if countermeasures is not None:
         chosen = []
         for name in countermeasures:
@@ -241,6 +242,8 @@ def run_cell(cell: Cell, data: VerifyData, *, device: torch.device, reporter: Re
         train = mix_with_clean(train, data.clean, settings["clean_fraction"], cell.seed)
     train = _subset(train, cell.per_class)
     countermeasure = build_countermeasure(cell.countermeasure, **settings)
+    if cell.victim in CONTRASTIVE_VICTIMS:
+        return _run_contrastive_cell(cell, train, data, countermeasure, device=device, reporter=reporter)
     model = build_victim(cell.victim, len(data.clean.classes), seed=cell.seed, image_size=data.clean.images.shape[-1])
     config = victim_train_config(cell.victim, cell.epochs, len(train))
     title = f"{cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}"
@@ -261,6 +264,28 @@ def run_cell(cell: Cell, data: VerifyData, *, device: torch.device, reporter: Re
         "seconds": result.seconds,
         "train_images": len(train),
     }
+
+
+def _run_contrastive_cell(
+    cell: Cell, train: ImageSet, data: VerifyData, countermeasure: Any, *, device: torch.device, reporter: Reporter
+) -> dict[str, Any]:
+    """A small CLIP trained from scratch on (image, "a photo of a {class}.") pairs; its accuracy
+    is zero-shot accuracy on the clean test set, with retrieval recall beside it."""
+    if countermeasure.batch_loss is not None:
+        raise VerifyError(f"{cell.countermeasure} changes the classification loss; contrastive victims take "
+                          "data countermeasures only (none, jpeg, grayscale, bit-depth, blur, mix)")
+    title = f"{cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}"
+    with reporter.phase(title, total=cell.epochs) as phase:
+        def on_epoch(epoch: int, loss: float, recall: dict[str, float]) -> None:
+            phase.describe(f"{title}: zero-shot acc {100 * recall['image_to_text_r1']:.1f}%")
+            phase.advance()
+
+        result = contrastive_cell(
+            cell.victim, train.images, class_caption_list(train.labels, train.classes), data.test.images,
+            class_caption_list(data.test.labels, data.test.classes), epochs=cell.epochs, seed=cell.seed,
+            data_transform=countermeasure.data_transform, device=device, on_epoch=on_epoch,
+        )
+    return {"cell": asdict(cell), **result, "train_images": len(train)}
 
 
 def run_plan(

@@ -1,0 +1,247 @@
+"""T2UE: the text-to-noise generator, its training, saved generators, protection from text
+alone, and the contrastive victim; tiny random CLIP (no weights, no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from attacks.contrastive import RECALL_AT, class_caption_list, contrastive_cell
+from attacks.verify import Cell, VerifyData, run_cell
+from attacks.data import ImageSet
+from protect.budget import budget_in_levels
+from protect.cli import app
+from protect.clip import TINY_TEST_MODEL, load_clip
+from protect.config import ConfigError
+from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
+from protect.images import load_image
+from protect.pipeline import UsageError, protect_folder
+from protect.t2ue import (
+    CLIP_TEMPLATES,
+    GeneratorSpec,
+    T2UEError,
+    T2UETrainConfig,
+    TextImagePairs,
+    build_generator,
+    class_captions,
+    code_for,
+    embed_texts,
+    generator_paths,
+    infonce_of,
+    load_generator,
+    noise_from_text,
+    save_generator,
+    text_fingerprint,
+    train_generator,
+)
+
+EPS = 8 / 255
+CLASSES = ["cat", "dog", "car", "ship"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip(TINY_TEST_MODEL, weights="random")
+
+
+def tiny_pairs(n: int = 32, seed: int = 0, flat: bool = False) -> TextImagePairs:
+    """n random 32 px images (``flat``: each one grey level), class i % 4, each with two
+    template captions of its class."""
+    gen = torch.Generator().manual_seed(seed)
+    if flat:
+        images = (torch.rand(n, 1, 1, 1, generator=gen) * 200 + 28).expand(n, 3, 32, 32).to(torch.uint8).clone()
+    else:
+        images = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    labels = torch.arange(n) % len(CLASSES)
+    options = torch.stack([labels, labels + len(CLASSES)], dim=1)
+    return TextImagePairs(images, class_captions(CLASSES, CLIP_TEMPLATES[:2]), options, "tiny")
+
+
+def tiny_config(**extra) -> T2UETrainConfig:
+    settings = dict(clip_model=TINY_TEST_MODEL, clip_weights="random", width=16, epochs=2, batch_size=8, bn_batches=2)
+    return T2UETrainConfig(**(settings | extra))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, clip) -> Path:
+    """A generator trained for two epochs on the tiny set."""
+    out = tmp_path_factory.mktemp("generator")
+    return train_generator(tiny_pairs(), tiny_config(), out, clip=clip).generator
+
+
+def test_generator_output_is_within_budget_for_any_input() -> None:
+    net = build_generator(GeneratorSpec(resolution=24, text_dim=32, width=16)).eval()
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randn(5, 32, generator=gen) * 1000  # far outside any real embedding
+    z = torch.randn(5, 100, generator=gen) * 1000
+    delta = net.perturbation(text, z, EPS)
+    assert delta.shape == (5, 3, 24, 24) and delta.dtype == torch.float32
+    assert delta.abs().max() <= EPS + 1e-7
+    assert delta.abs().max() > 0
+
+
+def test_same_text_and_code_give_the_same_noise(trained: Path) -> None:
+    loaded = load_generator(trained, clip_weights="random")
+    z = code_for("a photo of a cat.", 0, loaded.net.spec.z_dim)
+    assert torch.equal(z, code_for("a photo of a cat.", 0, loaded.net.spec.z_dim))
+    alone = noise_from_text(loaded, ["a photo of a cat."], z[None])
+    # eval mode: a caption's noise does not depend on the other captions of the batch
+    in_batch = noise_from_text(loaded, ["a photo of a dog.", "a photo of a cat."],
+                               torch.stack([code_for("x", 0, loaded.net.spec.z_dim), z]))
+    assert torch.allclose(alone[0], in_batch[1], atol=1e-6)
+    assert torch.equal(alone, noise_from_text(loaded, ["a photo of a cat."], z[None]))
+    other_code = noise_from_text(loaded, ["a photo of a cat."], code_for("a photo of a cat.", 1, loaded.net.spec.z_dim)[None])
+    assert not torch.allclose(alone, other_code)
+
+
+def test_training_lowers_the_surrogate_infonce(tmp_path: Path, clip) -> None:
+    """Error-minimising: the trained generator's noise makes the frozen CLIP match images to
+    their captions better than an untrained generator's noise does. (Flat images and a larger
+    budget, because a random CLIP barely reacts to 8/255 on textured images.)"""
+    pairs = tiny_pairs(flat=True)
+    config = tiny_config(eps=16 / 255, lr=1e-2, epochs=25, batch_size=8, precision="fp32")
+    summary = train_generator(pairs, config, tmp_path, clip=clip, seed=0)
+    untrained = build_generator(GeneratorSpec(32, 32, config.z_dim, config.width), seed=0).eval()
+    before = infonce_of(untrained, clip, pairs, config.eps)
+    after = infonce_of(load_generator(summary.generator, clip_weights="random").net, clip, pairs, config.eps)
+    assert after < before - 0.02, (before, after)
+    assert np.mean(summary.epoch_losses[-5:]) < np.mean(summary.epoch_losses[:5])
+
+
+def test_interrupted_training_resumes_to_the_same_generator(tmp_path: Path, clip) -> None:
+    pairs, config = tiny_pairs(16), tiny_config(epochs=3)
+    whole = train_generator(pairs, config, tmp_path / "whole", clip=clip).generator
+
+    def stop_after_first(epoch: int, loss: float) -> None:
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(pairs, config, tmp_path / "resumed", clip=clip, on_epoch=stop_after_first)
+    assert json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())["epoch"] == 1
+    summary = train_generator(pairs, config, tmp_path / "resumed", clip=clip)
+    assert summary.resumed_from_epoch == 1
+    assert load_file(str(summary.generator)).keys() == load_file(str(whole)).keys()
+    for key, value in load_file(str(whole)).items():
+        assert torch.equal(value, load_file(str(summary.generator))[key]), key
+    # another config in the same folder is refused, not silently mixed
+    with pytest.raises(T2UEError, match="another training"):
+        train_generator(pairs, tiny_config(epochs=4), tmp_path / "resumed", clip=clip)
+
+
+def test_save_load_round_trip_and_wrong_text_encoder(tmp_path: Path, clip) -> None:
+    net = build_generator(GeneratorSpec(32, 32, width=16, clip_model=TINY_TEST_MODEL), seed=3).eval()
+    path = save_generator(tmp_path / "g", net, EPS, text_fingerprint(clip), {"note": "test"})
+    assert generator_paths(path) == (tmp_path / "g.safetensors", tmp_path / "g.yaml")
+    loaded = load_generator(tmp_path / "g.yaml", clip_weights="random")
+    text, z = embed_texts(clip, ["a photo of a ship."]), torch.randn(1, 100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.net.perturbation(text, z, EPS), net.perturbation(text, z, EPS))
+    assert loaded.eps == EPS and loaded.description["note"] == "test"
+    tensors = load_file(str(path))
+    tensors["text_fingerprint"] = tensors["text_fingerprint"] + 0.1
+    save_file(tensors, str(path))
+    with pytest.raises(T2UEError, match="not the one this generator was trained with"):
+        load_generator(path, clip_weights="random")
+    with pytest.raises(T2UEError, match="protect t2ue train"):
+        load_generator(tmp_path / "missing.safetensors")
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_noise_from_text_alone_then_added_to_an_image(tmp_path: Path, trained: Path, make_images) -> None:
+    """`protect t2ue noise` reads no image; `apply` adds its output within the budget."""
+    result = invoke("t2ue", "noise", "a photo of a cat.", "--generator", trained, "--clip-weights", "random",
+                    "--size", "40x24", "--out", tmp_path / "noise.png")
+    assert result.exit_code == 0, result.output
+    stored = load_image(tmp_path / "noise.png").rgb.astype(int) - 128
+    assert stored.shape == (24, 40, 3)
+    assert 0 < np.abs(stored).max() <= budget_in_levels(EPS)
+    again = invoke("t2ue", "noise", "a photo of a cat.", "--generator", trained, "--clip-weights", "random",
+                   "--size", "40x24", "--out", tmp_path / "again.png")
+    assert again.exit_code == 0 and (tmp_path / "again.png").read_bytes() == (tmp_path / "noise.png").read_bytes()
+
+    image = make_images("photos", classes=None, per_class=2)[1]  # 40x24
+    before = image.read_bytes()
+    result = invoke("t2ue", "apply", image, tmp_path / "noise.png", tmp_path / "protected.png")
+    assert result.exit_code == 0, result.output
+    original, protected = load_image(image).rgb.astype(int), load_image(tmp_path / "protected.png").rgb.astype(int)
+    assert 0 < np.abs(protected - original).max() <= budget_in_levels(EPS)
+    assert image.read_bytes() == before
+    assert invoke("t2ue", "apply", image, tmp_path / "noise.png", tmp_path / "p.png", "--eps", "2/255").exit_code == 2
+
+
+def test_classwise_noise_per_class_samplewise_per_image(trained: Path) -> None:
+    paths = ["cat/a.png", "cat/b.png", "dog/c.png"]
+    batch = Batch(images=torch.full((3, 3, 32, 32), 0.5), labels=None, indices=torch.arange(3), paths=paths)
+    deltas = {}
+    for mode in ("classwise", "samplewise"):
+        config = resolve_config("t2ue", overrides={"generator": str(trained), "surrogate_weights": "random", "mode": mode})
+        deltas[mode] = bounded_perturbation(create_generator("t2ue", config, seed=0), batch)
+        assert deltas[mode].abs().max() <= EPS + 1e-6
+    assert torch.equal(deltas["classwise"][0], deltas["classwise"][1])
+    assert not torch.allclose(deltas["classwise"][0], deltas["classwise"][2])
+    assert not torch.allclose(deltas["samplewise"][0], deltas["samplewise"][1])
+
+
+def test_run_with_a_captions_file_and_its_errors(tmp_path: Path, trained: Path, make_images) -> None:
+    inputs = make_images("flat", classes=None, per_class=3)
+    source = tmp_path / "flat"
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("\n".join(json.dumps({"image": p.name, "caption": f"picture number {i}"}) for i, p in enumerate(inputs)))
+    settings = ["--set", f"generator={trained}", "--set", "surrogate_weights=random"]
+    result = invoke("run", "t2ue", source, tmp_path / "out", *settings, "--captions", captions)
+    assert result.exit_code == 0, result.output
+    for path in inputs:
+        written = load_image(tmp_path / "out" / path.with_suffix(".png").name).rgb.astype(int)
+        assert np.abs(written - load_image(path).rgb.astype(int)).max() <= budget_in_levels(EPS)
+    # A flat folder without captions, an image missing from the captions, no generator: usage errors.
+    assert "pass --captions FILE" in invoke("run", "t2ue", source, tmp_path / "o2", *settings).output
+    captions.write_text(json.dumps({"image": inputs[0].name, "caption": "only one"}))
+    with pytest.raises(UsageError, match=f"has no caption for {inputs[1].name}"):
+        protect_folder("t2ue", source, tmp_path / "o3", overrides={"generator": str(trained), "surrogate_weights": "random",
+                                                                    "captions": str(captions)})
+    result = invoke("run", "t2ue", source, tmp_path / "o4")
+    assert result.exit_code == 2 and "protect t2ue train" in result.output
+    with pytest.raises(ConfigError, match="generator file not found"):
+        resolve_config("t2ue", overrides={"generator": str(tmp_path / "none.safetensors")}) and create_generator(
+            "t2ue", resolve_config("t2ue", overrides={"generator": str(tmp_path / "none.safetensors")}))
+
+
+def test_train_command_on_a_labelled_folder(tmp_path: Path, make_images) -> None:
+    make_images("labelled", classes=("cat", "dog"), per_class=3)
+    result = invoke("t2ue", "train", tmp_path / "labelled", tmp_path / "gen", "--set", f"clip_model={TINY_TEST_MODEL}",
+                    "--set", "clip_weights=random", "--set", "width=8", "--set", "epochs=1", "--set", "batch_size=4")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "gen" / "generator.safetensors").exists() and (tmp_path / "gen" / "generator.yaml").exists()
+    assert invoke("t2ue", "train", tmp_path / "labelled", tmp_path / "g2", "--set", "nope=1").exit_code == 2
+
+
+def test_contrastive_victim_reports_recall(make_images) -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    labels = torch.arange(24) % 3
+    captions = class_caption_list(labels, ["cat", "dog", "car"])
+    result = contrastive_cell("clip-tiny", images, captions, images[:12], captions[:12], epochs=2, seed=0)
+    recall = result["recall"]
+    assert set(recall) == {f"{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in RECALL_AT}
+    for direction in ("image_to_text", "text_to_image"):
+        values = [recall[f"{direction}_r{k}"] for k in RECALL_AT]
+        assert all(0 <= v <= 1 for v in values) and values == sorted(values)
+    assert recall["image_to_text_r5"] == 1.0  # 3 distinct captions: every image's is in the top 5
+    assert len(result["test_accuracy"]) == 2 and result["final"] == recall["image_to_text_r1"]
+
+    data = ImageSet(images, labels, ["cat", "dog", "car"], [f"{i}.png" for i in range(24)])
+    verify_data = VerifyData(data, data, data, data, {}, EPS)
+    cell = Cell("clip-tiny", "none", (), "protected", 1, 0)
+    from protect.progress import NullReporter
+
+    out = run_cell(cell, verify_data, device=torch.device("cpu"), reporter=NullReporter())
+    assert "recall" in out and out["train_images"] == 24
