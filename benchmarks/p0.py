@@ -29,21 +29,21 @@ from attacks.victims import build_victim
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_subset(source: Path, dest: Path, per_class: int) -> Path:
-    """A folder of symlinks: the first ``per_class`` files (sorted by name) of every class."""
+def build_subset(source: Path, dest: Path, per_class: int, offset: int = 0) -> Path:
+    """A folder of symlinks: ``per_class`` files (sorted by name, from position ``offset``) of every class."""
     for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
         target = dest / class_dir.name
         target.mkdir(parents=True, exist_ok=True)
-        for path in sorted(class_dir.iterdir())[:per_class]:
+        for path in sorted(class_dir.iterdir())[offset : offset + per_class]:
             link = target / path.name
             if not link.exists():
                 link.symlink_to(path)
     return dest
 
 
-def generate(method: str, subset: Path, out: Path, seed: int) -> dict:
-    """Run `protect run` in a child process; wall time and the child's peak RSS."""
-    cmd = [sys.executable, "-m", "protect.cli", "run", method, str(subset), str(out), "--seed", str(seed), "--overwrite"]
+def generate(method: str, subset: Path, out: Path, seed: int, extra: tuple[str, ...] = ()) -> dict:
+    """Run `protect run` (with ``extra`` arguments) in a child process; wall time and the child's peak RSS."""
+    cmd = [sys.executable, "-m", "protect.cli", "run", method, str(subset), str(out), "--seed", str(seed), "--overwrite", *extra]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
