@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from attacks.train import random_crop_flip
+from attacks.train import _autocast, random_crop_flip
 from protect.clip import ClipEncoders, load_clip
 
 RECALL_AT = (1, 5, 10)
@@ -55,11 +55,6 @@ def build_clip_victim(name: str, *, seed: int = 0, device: torch.device | str = 
     clip = load_clip(CONTRASTIVE_VICTIMS[name], weights="random", seed=seed, device=device)
     clip.model.requires_grad_(True)
     return clip
-
-
-def _autocast(device: torch.device, precision: str) -> torch.autocast:
-    use = precision == "bf16" or (precision == "auto" and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())))
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
 
 
 def _tokens(clip: ClipEncoders, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from protect.clip import RANDOM_WEIGHTS, load_clip
+from protect.clip import load_clip
 from protect.config import ConfigError
 from protect.generator import Batch, Generator, MethodConfig, register
 from protect.progress import Reporter
