@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 from safetensors.torch import save_file
@@ -37,38 +35,18 @@ ROOT = Path(__file__).resolve().parents[1]
 COARSE = ROOT / "configs" / "relabel" / "cifar10-coarse.yaml"
 
 
-def disjoint_slice(source: Path, dest: Path, start: int, stop: int) -> Path:
-    """A folder of symlinks to files ``start:stop`` (sorted by name) of every class."""
-    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
-        target = dest / class_dir.name
-        target.mkdir(parents=True, exist_ok=True)
-        for path in sorted(class_dir.iterdir())[start:stop]:
-            if not (target / path.name).exists():
-                (target / path.name).symlink_to(path)
-    return dest
-
-
 def train_surrogate(cifar: Path, work: Path, test: ImageSet, epochs: int) -> tuple[Path, dict]:
     """A small CNN trained on train images 4000-4999 per class; its weights as safetensors."""
     weights = work / "surrogate-small-cnn-4000-4999.safetensors"
     if weights.exists():
         return weights, json.loads(weights.with_suffix(".json").read_text())
-    data = load_image_folder(disjoint_slice(cifar / "train", work / "surrogate-train", 4000, 5000), classes=test.classes)
+    data = load_image_folder(build_subset(cifar / "train", work / "surrogate-train", 1000, offset=4000), classes=test.classes)
     model = build_victim("small-cnn", len(test.classes), seed=0)
     result = train_classifier(model, data, test, TrainConfig(epochs=epochs), seed=0)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     facts = {"train_images": len(data), "epochs": epochs, "test_accuracy": result.final, "seconds": result.seconds}
     weights.with_suffix(".json").write_text(json.dumps(facts))
     return weights, facts
-
-
-def generate_clusters(subset: Path, out: Path, settings: dict[str, object], seed: int) -> dict:
-    """`protect run clusters` with ``--set`` overrides, measured by p0.generate (which builds the
-    command line itself, so the overrides are appended to the command it starts)."""
-    extra = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
-    start = subprocess.Popen
-    with mock.patch.object(subprocess, "Popen", lambda cmd, *a, **k: start([*cmd, *extra], *a, **k)):
-        return generate("clusters", subset, out, seed)
 
 
 def victims(train: ImageSet, test: ImageSet, seeds: int, epochs: int) -> dict:
@@ -119,7 +97,8 @@ def main() -> None:
         elif method == "clusters":
             settings = {"surrogate": "small-cnn", "surrogate_weights": weights, "resolution": 32, "eps": args.eps,
                         "epochs": args.cluster_epochs}
-            generation[method] = {**generate_clusters(subset, out, settings, seed=0), "settings": {k: str(v) for k, v in settings.items()}}
+            extra = tuple(arg for key, value in settings.items() for arg in ("--set", f"{key}={value}"))
+            generation[method] = {**generate(method, subset, out, 0, extra), "settings": {k: str(v) for k, v in settings.items()}}
         else:
             generation[method] = generate(method, subset, out, seed=0)
         clean, sets[method] = load_pairs(out, subset)
