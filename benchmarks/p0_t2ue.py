@@ -84,12 +84,13 @@ def main() -> None:
     parser.add_argument("--gen-width", type=int, default=128, help="generator base width (paper 512)")
     parser.add_argument("--gen-lr", type=float, default=1e-4)
     parser.add_argument("--victim", default="clip-tiny", choices=sorted(CONTRASTIVE_VICTIMS))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: every core)")
     args = parser.parse_args()
 
     cifar = args.shared / "data" / "cifar10"
     if not cifar.is_dir():
         sys.exit(f"{cifar} not found: P0 needs the shared CIFAR-10 folder")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     work = args.work
     subset = build_subset(cifar / "train", work / f"train-first{args.per_class}", args.per_class)
     disjoint = build_subset(cifar / "train", work / f"train-4000-{args.surrogate_per_class}", args.surrogate_per_class, offset=4000)
