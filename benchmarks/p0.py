@@ -37,7 +37,8 @@ def build_subset(source: Path, dest: Path, per_class: int, offset: int = 0) -> P
         for path in sorted(class_dir.iterdir())[offset : offset + per_class]:
             link = target / path.name
             if not link.exists():
-                link.symlink_to(path)
+                link.unlink(missing_ok=True)  # a dangling link from a relative source path
+                link.symlink_to(path.resolve())
     return dest
 
 
