@@ -9,6 +9,7 @@ overrides that.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib
 import pkgutil
 from abc import ABC, abstractmethod
@@ -50,21 +51,42 @@ class MethodConfig:
             raise ValueError(f"precision must be auto, bf16 or fp32; got {self.precision!r}")
 
 
+class FitScope(str, enum.Enum):
+    """Which images a fitted generator can protect afterwards."""
+
+    #: only the images it was fitted on (one noise per image, looked up by position)
+    FITTED_IMAGES = "fitted-images"
+    #: any image of a class it was fitted on (one noise per class)
+    CLASSES = "classes"
+    #: any image at all (a cluster protector, a text-to-noise generator)
+    ANY_IMAGE = "any-image"
+
+    def covers_new_images(self, labelled: bool) -> bool:
+        """Whether a fit protects later images too (so it can be saved, reused, or done once
+        on a sample of a large export); class noise needs the images' classes."""
+        return self is FitScope.ANY_IMAGE or (self is FitScope.CLASSES and labelled)
+
+
 @dataclass
 class Batch:
     """A batch at the working resolution.
 
     images: float32 (N, 3, R, R) in [0, 1]; labels: int64 (N,) or None;
     indices: int64 (N,) positions in the dataset the generator was fitted on;
-    paths: the images' paths relative to the input folder (POSIX; in a labelled folder the
-    first part is the class), when the caller knows them (methods that describe images by
-    text look their captions up by path).
+    paths: each image's name, when the caller knows it: its path relative to the input folder
+    (POSIX), or its record key in an export; methods that describe images by text look their
+    captions up by it;
+    class_names: each image's class name (None where it has none), when the source has classes;
+    captions: each image's caption as given by its source (None where it has none), e.g. a
+    manifest's caption column.
     """
 
     images: torch.Tensor
     labels: torch.Tensor | None
     indices: torch.Tensor
     paths: list[str] | None = None
+    class_names: list[str | None] | None = None
+    captions: list[str | None] | None = None
 
 
 class Generator(ABC):
@@ -74,9 +96,9 @@ class Generator(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     needs_labels: ClassVar[bool] = False
-    #: True when ``perturb`` depends only on the labels (one noise per class): a fit on a sample
-    #: then protects any number of later images, so batch jobs fit it once and can reuse it.
-    noise_per_class: ClassVar[bool] = False
+    #: which images a fit protects: batch jobs fit once on a sample, and runs save or reuse a
+    #: protector, whenever a fit covers new images (see :class:`FitScope`)
+    fit_scope: ClassVar[FitScope] = FitScope.FITTED_IMAGES
     summary: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:

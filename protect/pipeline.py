@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from protect.budget import apply_perturbation_uint8
 from protect.cluster import pseudo_labels
 from protect.config import ConfigError, config_to_dict
-from protect.generator import Batch, Generator, bounded_perturbation, create_generator, resolve_config
+from protect.generator import Batch, FitScope, Generator, bounded_perturbation, create_generator, resolve_config
 from protect.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -43,6 +43,7 @@ from protect.images import (
 )
 from protect.metrics import psnr, ssim
 from protect.progress import NullReporter, Reporter
+from protect.protector import PROTECTOR_TENSORS, resolve_with_protector, save_protector
 
 MANIFEST_NAME = "manifest.jsonl"
 PROTECTION_NAME = "protection.json"
@@ -266,10 +267,10 @@ def protect_folder(
         )
 
     scan = scan_folder(input_dir)
-    if save_protector_to is not None and not _fit_is_reusable(generator, scan.labelled):
+    if save_protector_to is not None and not generator.fit_scope.covers_new_images(scan.labelled):
         raise UsageError(
             f"{method} cannot save a protector for {input_dir}: its noise belongs to the images it was fitted on; "
-            "protectors are kept for class-wise methods on labelled folders and for clusters"
+            "protectors are kept for class-wise methods on labelled folders and for methods whose fit covers any image (clusters, t2ue)"
         )
     if not scan.entries:
         kinds = ", ".join(sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES))
@@ -376,6 +377,7 @@ def protect_folder(
                     labels=labels[index].to(generator.device) if labels is not None else None,
                     indices=index.to(generator.device),
                     paths=[str(item.entry.relpath) for item in chunk],
+                    class_names=[item.entry.label for item in chunk] if scan.labelled else None,
                 )
                 try:
                     with torch.no_grad():
@@ -423,20 +425,12 @@ def _check_protector_folder(folder: Path | str | None, input_dir: Path, output_d
             )
 
 
-def _fit_is_reusable(generator: Generator, labelled: bool) -> bool:
-    return bool(getattr(generator, "protects_new_images", False)) or (generator.noise_per_class and labelled)
-
-
 def _protector_settings(
     protector: Path | str | None, method: str, eps: float | None, config_file: Path | None, overrides: dict[str, Any] | None
 ) -> dict[str, Any] | None:
     """A saved protector's metadata and tensors, checked against the request (None: no protector)."""
     if protector is None:
         return None
-    # protect.batch imports this module, so its protector helpers are imported here.
-    from protect.batch.run import _resolve as resolve_with_protector
-    from protect.batch.unit import PROTECTOR_TENSORS
-
     try:
         _, meta = resolve_with_protector(method, eps, config_file, overrides, protector)
     except FileNotFoundError as exc:
@@ -463,9 +457,7 @@ def _save_fitted_protector(
     folder: Path, generator: Generator, resolved: dict[str, Any], scan: FolderScan, fitted_on: int,
     fit_info: dict[str, Any], reporter: Reporter,
 ) -> None:
-    from protect.batch.unit import save_protector  # protect.batch imports this module, see above
-
-    classes = list(scan.classes) if generator.noise_per_class else []
+    classes = list(scan.classes) if generator.fit_scope is FitScope.CLASSES else []
     meta = {"method": generator.name, "config": resolved, "seed": generator.seed, "classes": classes,
             "fitted_on": fitted_on, "fit": fit_info}
     save_protector(folder, generator, meta)

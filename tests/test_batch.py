@@ -18,7 +18,6 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner

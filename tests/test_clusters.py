@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from protect.batch import protect_export
 from protect.cli import app
 from protect.clip import TINY_TEST_MODEL, ClipWeightsNotFound, load_clip
 from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
@@ -188,3 +189,16 @@ def test_project_surrogate_weights_load(tmp_path: Path) -> None:
     assert torch.allclose(generator.features(images), model.eval().embed(images).detach(), atol=1e-5)
     with pytest.raises(Exception, match="surrogate_weights file not found"):
         tiny_generator(surrogate="small-cnn", surrogate_weights=str(tmp_path / "nope.pt"))
+
+
+def test_batch_fits_one_protector_for_the_whole_export(make_images, tmp_path: Path) -> None:
+    make_images("flat", classes=None, per_class=6)
+    kept = tmp_path / "kept"
+    summary = protect_export("clusters", tmp_path / "flat", tmp_path / "out", overrides=TINY, unit_size=2, workers=1,
+                             save_protector_to=kept)
+    assert summary.exit_code == 0 and summary.written == 6 and summary.units == 3
+    assert summary.fit.startswith("once, on 6"), summary.fit  # not one protector per unit
+    assert json.loads((kept / "protector.json").read_text())["fitted_on"] == 6
+    for path in sorted((tmp_path / "flat").iterdir()):
+        after = load_image(tmp_path / "out" / path.with_suffix(".png").name).rgb.astype(int)
+        assert abs(after - load_image(path).rgb.astype(int)).max() <= 16

@@ -190,8 +190,9 @@ def test_generator_interface(method: str) -> None:
     labels = torch.tensor([0, 1, 0, 1, 0, 1])
     first = create_generator(method, config, seed=1)
     first.fit(images, labels)
-    paths = [f"{('cat', 'dog')[int(label)]}/{i}.png" for i, label in enumerate(labels)]
-    batch = Batch(images=images.float().div(255), labels=labels, indices=torch.arange(n), paths=paths)
+    names = [("cat", "dog")[int(label)] for label in labels]
+    paths = [f"{name}/{i}.png" for i, name in enumerate(names)]
+    batch = Batch(images=images.float().div(255), labels=labels, indices=torch.arange(n), paths=paths, class_names=names)
     with torch.no_grad():
         delta = bounded_perturbation(first, batch)
     assert delta.shape == (n, 3, r, r) and delta.dtype == torch.float32

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from attacks.contrastive import RECALL_AT, class_caption_list, contrastive_cell
 from attacks.verify import Cell, VerifyData, run_cell
 from attacks.data import ImageSet
+from protect.batch import protect_export
 from protect.budget import budget_in_levels
 from protect.cli import app
 from protect.clip import TINY_TEST_MODEL, load_clip
@@ -180,7 +182,8 @@ def test_noise_from_text_alone_then_added_to_an_image(tmp_path: Path, trained: P
 
 def test_classwise_noise_per_class_samplewise_per_image(trained: Path) -> None:
     paths = ["cat/a.png", "cat/b.png", "dog/c.png"]
-    batch = Batch(images=torch.full((3, 3, 32, 32), 0.5), labels=None, indices=torch.arange(3), paths=paths)
+    batch = Batch(images=torch.full((3, 3, 32, 32), 0.5), labels=None, indices=torch.arange(3), paths=paths,
+                  class_names=["cat", "cat", "dog"])
     deltas = {}
     for mode in ("classwise", "samplewise"):
         config = resolve_config("t2ue", overrides={"generator": str(trained), "surrogate_weights": "random", "mode": mode})
@@ -212,6 +215,35 @@ def test_run_with_a_captions_file_and_its_errors(tmp_path: Path, trained: Path, 
     assert result.exit_code == 2 and "protect t2ue train" in result.output
     with pytest.raises(ConfigError, match="generator file not found"):
         create_generator("t2ue", resolve_config("t2ue", overrides={"generator": str(tmp_path / "none.safetensors")}))
+
+
+def test_batch_protects_each_record_from_its_caption_or_class(tmp_path: Path, trained: Path) -> None:
+    """A manifest export: a record's caption column is its text, else its label's class-wise
+    template; a record with neither is failed by name and the rest are written. The generator
+    is loaded once for the whole export (nothing to fit per unit)."""
+    grey = np.full((20, 24, 3), 128, np.uint8)
+    (tmp_path / "src" / "images").mkdir(parents=True)
+    rows = [
+        {"image": "images/a.png", "caption": "a photo of a cat.", "label": ""},
+        {"image": "images/b.png", "caption": "a photo of a cat.", "label": ""},
+        {"image": "images/c.png", "caption": "a red car parked on a street.", "label": ""},
+        {"image": "images/d.png", "caption": "", "label": "cat"},
+        {"image": "images/e.png", "caption": "", "label": ""},
+    ]
+    for row in rows:
+        Image.fromarray(grey).save(tmp_path / "src" / row["image"])
+    (tmp_path / "src" / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    summary = protect_export("t2ue", tmp_path / "src" / "data.jsonl", tmp_path / "out", unit_size=2, workers=1,
+                             overrides={"generator": str(trained), "surrogate_weights": "random"})
+    assert summary.fit.startswith("once")
+    assert len(summary.failed) == 1 and "images/e.png" in summary.failed[0][0], summary.failed
+    assert "needs a caption" in summary.failed[0][1]
+    out = {name: load_image(tmp_path / "out" / "images" / name).rgb.astype(int) for name in ("a.png", "b.png", "c.png", "d.png")}
+    assert not (tmp_path / "out" / "images" / "e.png").exists()
+    assert all(np.abs(image - grey).max() <= budget_in_levels(EPS) for image in out.values())
+    assert np.array_equal(out["a.png"], out["b.png"])  # same caption: same class-wise noise
+    assert np.array_equal(out["a.png"], out["d.png"])  # label cat: the template gives the same caption
+    assert not np.array_equal(out["a.png"], out["c.png"])
 
 
 def test_train_command_on_a_labelled_folder(tmp_path: Path, make_images) -> None:

@@ -2,10 +2,11 @@
 
 Phases:
 1. *plan*: list the source's records as units (contiguous slices in source order).
-2. *fit*: a method whose noise is one per class (``noise_per_class``) is fitted once, on a
-   sample spread over every unit, and its protector saved before anything is applied (or a
-   protector saved earlier is loaded with ``protector=``). Every other method fits its noise
-   shard by shard, inside each unit, with a seed fixed by the unit's position.
+2. *fit*: a method whose fit covers new images (``Generator.fit_scope``: one noise per class,
+   a cluster protector, a text-to-noise generator) is fitted once, on a sample spread over every
+   unit, and its protector saved before anything is applied (or a protector saved earlier is
+   loaded with ``protector=``). A method whose noise belongs to the images it was fitted on
+   fits shard by shard, inside each unit, with a seed fixed by the unit's position.
 3. *apply*: units are protected on the engine, streaming, and each finished unit is journalled.
 4. *join*: the parts of each output file are joined in order, atomically.
 
@@ -30,19 +31,12 @@ import torch
 from protect.batch.engines import ENGINES, EngineError, default_workers, run_units
 from protect.batch.formats import ColumnOptions, FormatError, Unit, detect_format, remove_stale_temporaries
 from protect.batch.journal import Journal, JournalState
-from protect.batch.unit import (
-    PROTECTOR_TENSORS,
-    JobSpec,
-    decoded_records,
-    label_tensor,
-    new_generator,
-    read_protector_meta,
-    save_protector,
-)
-from protect.config import ConfigError, config_to_dict
-from protect.generator import method_class, resolve_config
-from protect.images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, sha256_file, write_text_atomic
+from protect.batch.unit import JobSpec, decoded_records, label_tensor, new_generator
+from protect.config import ConfigError
+from protect.generator import FitScope, method_class
+from protect.images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, write_text_atomic
 from protect.pipeline import PROTECTION_NAME, UsageError, _package_versions, working_tensor
+from protect.protector import read_protector_meta, resolve_with_protector, save_protector
 from protect.progress import NullReporter, Reporter
 
 STATE_DIR_NAME = ".protect-batch"
@@ -113,7 +107,7 @@ def protect_export(
     _check_paths(source, dest, save_protector_to)
     try:
         input_format = detect_format(source) if input_format == "auto" else input_format
-        config, reused = _resolve(method, eps, config_file, overrides, protector)
+        config, reused = resolve_with_protector(method, eps, config_file, overrides, protector)
     except (ConfigError, FormatError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
     if not OUTPUT_FORMATS[output_format][2]:
@@ -209,21 +203,6 @@ def _check_paths(source: Path, dest: Path, save_protector_to: Path | str | None)
         )
 
 
-def _resolve(
-    method: str, eps: float | None, config_file: Path | None, overrides: dict[str, Any] | None, protector: Path | str | None
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The resolved config, and the saved protector's metadata when one is reused."""
-    if protector is None:
-        return config_to_dict(resolve_config(method, config_file=config_file, overrides=overrides, eps=eps)), None
-    meta = read_protector_meta(Path(protector))
-    meta["digest"] = sha256_file(Path(protector) / PROTECTOR_TENSORS)
-    if meta["method"] != method:
-        raise ConfigError(f"{protector} is a {meta['method']} protector, not {method}")
-    if eps is not None or config_file is not None or overrides:
-        raise ConfigError("a saved protector brings its own config; drop --eps, --config and --set when reusing one")
-    return meta["config"], meta
-
-
 def _open_journal(journal: Journal, settings: dict[str, Any], dest: Path, overwrite: bool, reporter: Reporter) -> JournalState:
     """The journal of an interrupted job with the same settings, or a fresh one."""
     state = journal.read()
@@ -253,19 +232,19 @@ def _fit_phase(
     save_to: Path | str | None,
     reporter: Reporter,
 ) -> tuple[JobSpec, str]:
-    """The job with its protector attached (noise per class), or unchanged (noise per unit)."""
-    cls = method_class(job.method)
+    """The job with its protector attached (fitted once), or unchanged (noise fitted per unit)."""
+    scope = method_class(job.method).fit_scope
     if reused is not None:
         reporter.message(f"reusing the {job.method} protector saved in {protector}", "info")
         return _with_protector(job, Path(protector), reused["classes"]), f"saved protector ({protector})"
-    if not getattr(cls, "noise_per_class", False):
+    if scope is FitScope.FITTED_IMAGES:
         return job, "per unit (sample-wise noise)"
     kept = state_dir / "protector"
     if (kept / "protector.json").exists():
         meta = read_protector_meta(kept)
         reporter.message("resuming: protector restored from the interrupted run", "info")
     else:
-        meta = _fit_protector(job, units, kept, fit_sample, reporter)
+        meta = _fit_protector(job, units, kept, fit_sample, scope is FitScope.CLASSES, reporter)
         if meta is None:
             return job, "per unit (the source has no labels to fit class noise on)"
     if save_to is not None:
@@ -278,9 +257,13 @@ def _with_protector(job: JobSpec, folder: Path, classes: list[str]) -> JobSpec:
     return JobSpec(**{**job.__dict__, "protector": str(folder), "classes": tuple(classes)})
 
 
-def _fit_protector(job: JobSpec, units: list[Unit], folder: Path, fit_sample: int, reporter: Reporter) -> dict[str, Any] | None:
-    """Fit class noise on up to ``fit_sample`` images, the first few of every unit (so every
-    part of a sorted export is represented), and save it before any record is applied."""
+def _fit_protector(
+    job: JobSpec, units: list[Unit], folder: Path, fit_sample: int, per_class: bool, reporter: Reporter
+) -> dict[str, Any] | None:
+    """Fit on up to ``fit_sample`` images, the first few of every unit (so every part of a
+    sorted export is represented), and save the protector before any record is applied.
+    ``per_class``: the noise is one per class, so every sampled record needs a label (None is
+    returned when one has none: units then fit their own noise)."""
     generator = new_generator(job, job.seed)
     fmt = job.open_format()
     per_unit = max(1, math.ceil(fit_sample / len(units)))
@@ -293,7 +276,7 @@ def _fit_protector(job: JobSpec, units: list[Unit], folder: Path, fit_sample: in
                     break
                 if image is None or problem is not None:
                     continue
-                if record.label is None:
+                if per_class and record.label is None:
                     reporter.message(
                         f"{record.key} has no label: {job.method} noise is per class, so every unit fits its own noise instead",
                         "warning",
@@ -303,13 +286,15 @@ def _fit_protector(job: JobSpec, units: list[Unit], folder: Path, fit_sample: in
                 names.append(record.label)
                 taken += 1
                 phase.advance()
-    classes = sorted(set(names))
-    if len(classes) < 2:
+    if not small:
+        raise UsageError(f"no readable image in {job.source} to fit {job.method} on")
+    classes = sorted(set(names)) if per_class else []
+    if per_class and len(classes) < 2:
         raise UsageError(f"{job.method} needs at least two classes; the fit sample has {len(classes)} ({', '.join(classes)})")
-    generator.fit(torch.stack(small), label_tensor(names, classes), reporter)
+    generator.fit(torch.stack(small), label_tensor(names, classes) if per_class else None, reporter)
     meta = {
         "method": job.method, "config": job.config, "seed": job.seed, "classes": classes,
-        "fitted_on": len(small), "fit": generator.fit_summary() if hasattr(generator, "fit_summary") else {},
+        "fitted_on": len(small), "fit": generator.fit_summary(),
     }
     save_protector(folder, generator, meta)
     return meta

@@ -8,7 +8,6 @@ wherever it runs: the seed of a unit depends only on the job seed and the unit's
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,19 +16,19 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from protect.batch.formats import ColumnOptions, ExportFormat, Record, Unit, open_format
 from protect.budget import apply_perturbation_uint8
 from protect.cluster import pseudo_labels
+from protect.config import ConfigError
 from protect.generator import Batch, Generator, bounded_perturbation, create_generator, resolve_config
-from protect.images import OUTPUT_FORMATS, ImageReadError, LoadedImage, decode_image, encode_image, write_text_atomic
+from protect.images import OUTPUT_FORMATS, ImageReadError, LoadedImage, decode_image, encode_image
 from protect.pipeline import to_image_size, working_tensor
+from protect.protector import PROTECTOR_TENSORS
 
 # Images decoded at full resolution at a time: bounds a worker's memory whatever the unit size.
 CHUNK_IMAGES = 32
-PROTECTOR_TENSORS = "protector.safetensors"
-PROTECTOR_META = "protector.json"
 
 
 @dataclass(frozen=True)
@@ -84,23 +83,6 @@ def new_generator(job: JobSpec, seed: int) -> Generator:
 
 # ----------------------------------------------------------------------------------------------
 # protectors fitted once and reused
-
-
-def save_protector(folder: Path, generator: Generator, meta: dict[str, Any]) -> None:
-    """Write a fitted protector: its tensors (safetensors) and the method, resolved config, seed
-    and classes (JSON). It holds the noise itself: whoever has it can subtract the protection."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{PROTECTOR_TENSORS}.tmp"
-    save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(tmp))
-    tmp.replace(folder / PROTECTOR_TENSORS)
-    write_text_atomic(folder / PROTECTOR_META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
-def read_protector_meta(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / PROTECTOR_META
-    if not path.exists() or not (Path(folder) / PROTECTOR_TENSORS).exists():
-        raise FileNotFoundError(f"{folder}: not a saved protector (expected {PROTECTOR_TENSORS} and {PROTECTOR_META})")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 _LOADED: dict[str, Generator] = {}
@@ -271,24 +253,48 @@ def _protect_records(
     yield from _protect_chunk(pending, generator, job, tally)
 
 
+def _records_batch(todo: list[tuple[Record, LoadedImage, int | None, int]], generator: Generator) -> Batch:
+    resolution, device = generator.config.resolution, generator.device
+    labels = [label for _, _, label, _ in todo]
+    records = [record for record, *_ in todo]
+    return Batch(
+        images=torch.stack([working_tensor(image, resolution) for _, image, _, _ in todo]).float().div(255).to(device),
+        labels=None if labels[0] is None else torch.tensor(labels, dtype=torch.long, device=device),
+        indices=torch.tensor([position for *_, position in todo], dtype=torch.long, device=device),
+        paths=[record.key for record in records],
+        class_names=[record.label for record in records],
+        captions=[record.caption for record in records],
+    )
+
+
+@torch.no_grad()
+def _chunk_perturbations(
+    todo: list[tuple[Record, LoadedImage, int | None, int]], generator: Generator, tally: _Tally
+) -> dict[int, torch.Tensor]:
+    """Bounded perturbations by position. A record the method refuses (e.g. no caption for a
+    text-driven method) is failed by name and the others are still done."""
+    if not todo:
+        return {}
+    try:
+        bounded = bounded_perturbation(generator, _records_batch(todo, generator)).cpu()
+        return {position: delta for (*_, position), delta in zip(todo, bounded)}
+    except ConfigError as exc:
+        if len(todo) == 1:
+            tally.fail(todo[0][0].key, str(exc))
+            return {}
+    deltas: dict[int, torch.Tensor] = {}
+    for item in todo:
+        deltas.update(_chunk_perturbations([item], generator, tally))
+    return deltas
+
+
 def _protect_chunk(
     pending: list[tuple[Record, LoadedImage | None, int | None, int]], generator: Generator, job: JobSpec, tally: _Tally
 ) -> Iterator[tuple[Record, bytes | None]]:
     todo = [(record, image, label, position) for record, image, label, position in pending if image is not None]
-    deltas: dict[int, torch.Tensor] = {}
-    if todo:
-        resolution = generator.config.resolution
-        labels = [label for _, _, label, _ in todo]
-        batch = Batch(
-            images=torch.stack([working_tensor(image, resolution) for _, image, _, _ in todo]).float().div(255).to(generator.device),
-            labels=None if labels[0] is None else torch.tensor(labels, dtype=torch.long, device=generator.device),
-            indices=torch.tensor([position for *_, position in todo], dtype=torch.long, device=generator.device),
-        )
-        with torch.no_grad():
-            bounded = bounded_perturbation(generator, batch).cpu()
-        deltas = {position: delta for (*_, position), delta in zip(todo, bounded)}
+    deltas = _chunk_perturbations(todo, generator, tally)
     for record, image, _, position in pending:
-        if image is None:
+        if image is None or position not in deltas:
             yield record, None
             continue
         width, height = image.size

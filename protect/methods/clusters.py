@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from protect.clip import RANDOM_WEIGHTS, load_clip, resolve_clip_weights
 from protect.cluster import kmeans
 from protect.config import ConfigError
-from protect.generator import Batch, Generator, MethodConfig, register
+from protect.generator import Batch, FitScope, Generator, MethodConfig, register
 from protect.progress import NullReporter, Reporter
 from protect.surrogates import SURROGATES, build_surrogate
 
@@ -291,7 +291,7 @@ class UnlearnableClusters(Generator):
     needs_labels = False
     #: perturb depends only on the image (its nearest cluster centre), so a saved protector
     #: protects images it was not fitted on.
-    protects_new_images = True
+    fit_scope = FitScope.ANY_IMAGE
 
     def __init__(self, config: UnlearnableClustersConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
         super().__init__(config, device=device, seed=seed)

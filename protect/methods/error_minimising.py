@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from protect.budget import project_linf, signed_gradient_step
-from protect.generator import Batch, StoredNoiseGenerator, register
+from protect.generator import Batch, FitScope, StoredNoiseGenerator, register
 from protect.progress import NullReporter, Reporter
 from protect.surrogates import SurrogateMethodConfig, build_surrogate, sgd_step
 
@@ -211,7 +211,7 @@ class SampleWiseErrorMinimising(_MinMin):
 @register("em-classwise")
 class ClassWiseErrorMinimising(_MinMin):
     summary = "Error-minimising noise, one per class (Huang et al., ICLR 2021)."
-    noise_per_class = True
+    fit_scope = FitScope.CLASSES
 
     def _init_noise(self, n_images, n_classes, shape, gen):
         return (torch.rand((n_classes, *shape), generator=gen) * 2 - 1) * self.config.eps

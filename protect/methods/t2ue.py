@@ -26,7 +26,7 @@ import torch
 
 from protect.clip import load_clip
 from protect.config import ConfigError
-from protect.generator import Batch, Generator, MethodConfig, register
+from protect.generator import Batch, FitScope, Generator, MethodConfig, register
 from protect.progress import Reporter
 from protect.t2ue import (
     CLIP_TEMPLATES,
@@ -85,8 +85,8 @@ class TextToUnlearnable(Generator):
     summary = "T2UE: noise generated from each image's caption alone by a trained text-to-noise generator (Ma et al. 2025)."
     config_class = T2UEConfig
     needs_labels = False
-    #: perturb depends only on the captions (and paths), so a run protects any images
-    protects_new_images = True
+    #: perturb depends only on the captions (and paths), so a fit protects any image
+    fit_scope = FitScope.ANY_IMAGE
 
     def __init__(self, config: T2UEConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
         super().__init__(config, device=device, seed=seed)
@@ -122,18 +122,21 @@ class TextToUnlearnable(Generator):
             reporter.message("t2ue: the generator is untrained (generator=random): for tests only, no protection", "warning")
 
     # captions and codes -------------------------------------------------------------------
-    def caption_of(self, path: str) -> str:
-        """The caption of the image at ``path`` (relative to the input folder) in this mode."""
+    def caption_of(self, path: str, given: str | None = None, class_name: str | None = None) -> str:
+        """The caption of the image named ``path``: the caption its source gives, else its line
+        in the captions file, else a template over its class name (fixed template class-wise,
+        one per image sample-wise)."""
         cfg: T2UEConfig = self.config
+        if given:
+            return given
         if self.captions is not None:
             if path not in self.captions:
                 raise ConfigError(f"{cfg.captions} has no caption for {path} (image paths are relative to the input folder)")
             return self.captions[path]
-        parts = PurePosixPath(path).parts
-        if len(parts) < 2:
+        if class_name is None:
             raise ConfigError(f"t2ue needs a caption for {path}: pass --captions FILE (CSV/JSONL of image,caption), "
-                              "or use a folder with one subfolder per class")
-        name = parts[0].replace("_", " ")
+                              "give a caption column, or use a source with one class per image (a folder per class)")
+        name = class_name.replace("_", " ")
         template = cfg.templates[0] if cfg.mode == "classwise" else cfg.templates[template_for(path, self.seed, len(cfg.templates))]
         return template.format(name)
 
@@ -144,7 +147,9 @@ class TextToUnlearnable(Generator):
     def perturb(self, batch: Batch) -> torch.Tensor:
         if batch.paths is None:
             raise ConfigError("t2ue describes images by caption and needs their paths; this caller gives none")
-        captions = [self.caption_of(path) for path in batch.paths]
+        given = batch.captions or [None] * len(batch.paths)
+        classes = batch.class_names or [None] * len(batch.paths)
+        captions = [self.caption_of(path, caption, name) for path, caption, name in zip(batch.paths, given, classes)]
         codes = torch.stack([self.code_of(path, caption) for path, caption in zip(batch.paths, captions)])
         with torch.no_grad():
             embeddings = self.loaded.embed(captions).to(self.device)
