@@ -246,7 +246,10 @@ def batch(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: a local Ray instance)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Parallel workers (default: up to 4, one per core)."),
     unit_size: int = typer.Option(256, "--unit-size", help="Records per unit: the grain of parallelism, resume and sample-wise fits."),
-    fit_sample: int = typer.Option(5000, "--fit-sample", help="Images sampled to fit class-wise noise once for the whole export."),
+    fit_sample: int = typer.Option(5000, "--fit-sample", help="Images sampled to fit once for the whole export (class-wise "
+                                   "noise, cluster protectors)."),
+    fit_devices: Optional[str] = typer.Option(None, "--fit-devices", help="Fit once data-parallel, one process per device, "
+                                              "e.g. cuda:0,cuda:1 (torch.distributed; error-minimising methods)."),
     protector: Optional[Path] = PROTECTOR_OPTION,
     save_protector: Optional[Path] = SAVE_PROTECTOR_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty DEST, or restart an unfinished job."),
@@ -265,7 +268,7 @@ def batch(
                 method, source, dest, input_format=input_format, columns=columns, eps=eps_value, config_file=config,
                 overrides=overrides, seed=seed, device=torch_device, output_format=output_format, allow_lossy=allow_lossy,
                 engine=engine, workers=workers, address=address, unit_size=unit_size, fit_sample=fit_sample,
-                protector=protector, save_protector_to=save_protector, overwrite=overwrite, max_pixels=max_pixels,
+                fit_devices=fit_devices.split(",") if fit_devices else None, protector=protector, save_protector_to=save_protector, overwrite=overwrite, max_pixels=max_pixels,
                 reporter=RichReporter(progress),
             )
         except UsageError as exc:

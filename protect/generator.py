@@ -21,6 +21,7 @@ import torch
 
 from protect.budget import project_to_valid
 from protect.config import ConfigError, build_config, config_path_for, read_yaml
+from protect.distributed import SINGLE_PROCESS, Ranks
 from protect.progress import Reporter
 
 
@@ -99,12 +100,16 @@ class Generator(ABC):
     #: which images a fit protects: batch jobs fit once on a sample, and runs save or reuse a
     #: protector, whenever a fit covers new images (see :class:`FitScope`)
     fit_scope: ClassVar[FitScope] = FitScope.FITTED_IMAGES
+    #: True when :meth:`fit` can run data-parallel (``self.ranks``, see :mod:`protect.distributed`)
+    data_parallel_fit: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
         self.config = config
         self.device = torch.device(device)
         self.seed = seed
+        #: the processes :meth:`fit` shares its work with (one unless a data-parallel fit set it)
+        self.ranks: Ranks = SINGLE_PROCESS
 
     def fit(self, images: torch.Tensor, labels: torch.Tensor | None, reporter: Reporter | None = None) -> None:
         """Learn whatever the method needs from the dataset.

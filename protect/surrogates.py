@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from protect.distributed import SINGLE_PROCESS, Ranks
 from protect.generator import MethodConfig
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -159,14 +160,21 @@ def build_surrogate(name: str, num_classes: int, *, device: torch.device | str =
 
 def sgd_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-    autocast: torch.autocast,
+    autocast: torch.autocast, *, ranks: Ranks = SINGLE_PROCESS, share: float = 1.0,
 ) -> float:
-    """One cross-entropy training step on a batch (images float in [0, 1]); returns the loss."""
-    with autocast:
-        loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), labels)
+    """One cross-entropy training step on a batch (images float in [0, 1]); returns the loss.
+
+    In a data-parallel fit, ``images`` is this process's part of the batch, ``share`` its
+    fraction of the batch, and the step taken is the whole batch's (see :class:`Ranks`)."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss = torch.zeros(())
+    if len(images):
+        with autocast:
+            loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), labels)
+        loss.backward()
+    ranks.sum_gradients(model, share)
     optimizer.step()
+    ranks.average_buffers(model)
     return float(loss.detach())
 
 

@@ -33,6 +33,7 @@ from protect.batch.formats import ColumnOptions, FormatError, Unit, detect_forma
 from protect.batch.journal import Journal, JournalState
 from protect.batch.unit import JobSpec, decoded_records, label_tensor, new_generator
 from protect.config import ConfigError
+from protect.distributed import DistributedFitError, check_devices, fit_data_parallel
 from protect.generator import FitScope, method_class
 from protect.images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, write_text_atomic
 from protect.pipeline import PROTECTION_NAME, UsageError, _package_versions, working_tensor
@@ -86,6 +87,7 @@ def protect_export(
     address: str | None = None,
     unit_size: int = 256,
     fit_sample: int = 5000,
+    fit_devices: list[str] | None = None,
     protector: Path | str | None = None,
     save_protector_to: Path | str | None = None,
     overwrite: bool = False,
@@ -94,7 +96,9 @@ def protect_export(
 ) -> BatchSummary:
     """Write a protected copy of the export ``source`` into the folder ``dest``, same format.
 
-    Raises :class:`UsageError` before writing anything when the request is wrong; records that
+    ``fit_devices``: do the once-for-the-export fit data-parallel on these devices, one process
+    each (:mod:`protect.distributed`). Raises :class:`UsageError` before writing anything when
+    the request is wrong; records that
     cannot be protected are left out of the output and listed in the summary. Rerunning the
     same call after an interruption finishes the job (``dest/.protect-batch`` holds its state).
     """
@@ -104,6 +108,7 @@ def protect_export(
     columns = columns or ColumnOptions()
     workers = workers or default_workers()
     _check_options(engine, output_format, allow_lossy, unit_size, fit_sample, workers)
+    _check_fit_devices(method, fit_devices, protector)
     _check_paths(source, dest, save_protector_to)
     try:
         input_format = detect_format(source) if input_format == "auto" else input_format
@@ -142,7 +147,7 @@ def protect_export(
     summary.units = len(units)
 
     fit_started = time.perf_counter()
-    job, summary.fit = _fit_phase(job, units, state_dir, protector, reused, fit_sample, save_protector_to, reporter)
+    job, summary.fit = _fit_phase(job, units, state_dir, protector, reused, fit_sample, fit_devices, save_protector_to, reporter)
     summary.fit_seconds = time.perf_counter() - fit_started
 
     apply_started = time.perf_counter()
@@ -181,6 +186,22 @@ def _check_options(engine: str, output_format: str, allow_lossy: bool, unit_size
         )
     if unit_size < 1 or fit_sample < 1 or workers < 1:
         raise UsageError("--unit-size, --fit-sample and --workers must be at least 1")
+
+
+def _check_fit_devices(method: str, fit_devices: list[str] | None, protector: Path | str | None) -> None:
+    if not fit_devices:
+        return
+    try:
+        cls = method_class(method)
+        check_devices(fit_devices)
+    except (ConfigError, DistributedFitError) as exc:
+        raise UsageError(f"--fit-devices: {exc}") from None
+    if protector is not None or cls.fit_scope is FitScope.FITTED_IMAGES or not cls.data_parallel_fit:
+        raise UsageError(
+            f"--fit-devices is for methods fitted once for the whole export on several devices; {method} "
+            + ("reuses the saved protector" if protector is not None else "fits per unit" if cls.fit_scope is FitScope.FITTED_IMAGES
+               else "fits on one device")
+        )
 
 
 def _check_paths(source: Path, dest: Path, save_protector_to: Path | str | None) -> None:
@@ -229,6 +250,7 @@ def _fit_phase(
     protector: Path | str | None,
     reused: dict[str, Any] | None,
     fit_sample: int,
+    fit_devices: list[str] | None,
     save_to: Path | str | None,
     reporter: Reporter,
 ) -> tuple[JobSpec, str]:
@@ -244,7 +266,7 @@ def _fit_phase(
         meta = read_protector_meta(kept)
         reporter.message("resuming: protector restored from the interrupted run", "info")
     else:
-        meta = _fit_protector(job, units, kept, fit_sample, scope is FitScope.CLASSES, reporter)
+        meta = _fit_protector(job, units, kept, fit_sample, fit_devices, scope is FitScope.CLASSES, reporter)
         if meta is None:
             return job, "per unit (the source has no labels to fit class noise on)"
     if save_to is not None:
@@ -258,7 +280,8 @@ def _with_protector(job: JobSpec, folder: Path, classes: list[str]) -> JobSpec:
 
 
 def _fit_protector(
-    job: JobSpec, units: list[Unit], folder: Path, fit_sample: int, per_class: bool, reporter: Reporter
+    job: JobSpec, units: list[Unit], folder: Path, fit_sample: int, fit_devices: list[str] | None, per_class: bool,
+    reporter: Reporter,
 ) -> dict[str, Any] | None:
     """Fit on up to ``fit_sample`` images, the first few of every unit (so every part of a
     sorted export is represented), and save the protector before any record is applied.
@@ -291,11 +314,19 @@ def _fit_protector(
     classes = sorted(set(names)) if per_class else []
     if per_class and len(classes) < 2:
         raise UsageError(f"{job.method} needs at least two classes; the fit sample has {len(classes)} ({', '.join(classes)})")
-    generator.fit(torch.stack(small), label_tensor(names, classes) if per_class else None, reporter)
-    meta = {
-        "method": job.method, "config": job.config, "seed": job.seed, "classes": classes,
-        "fitted_on": len(small), "fit": generator.fit_summary(),
-    }
+    images, labels = torch.stack(small), label_tensor(names, classes) if per_class else None
+    if fit_devices:
+        with reporter.phase(f"{job.method}: fitting on {', '.join(fit_devices)}", total=None):
+            try:
+                state, fit = fit_data_parallel(job.method, generator.config, images, labels, fit_devices, seed=job.seed)
+            except DistributedFitError as exc:
+                raise UsageError(f"--fit-devices: {exc}") from None
+        generator.load_state_dict(state)
+        fit = {**fit, "devices": list(fit_devices)}
+    else:
+        generator.fit(images, labels, reporter)
+        fit = generator.fit_summary()
+    meta = {"method": job.method, "config": job.config, "seed": job.seed, "classes": classes, "fitted_on": len(small), "fit": fit}
     save_protector(folder, generator, meta)
     return meta
 

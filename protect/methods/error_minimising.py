@@ -82,6 +82,7 @@ class _MinMin(StoredNoiseGenerator):
 
     config_class = ErrorMinimisingConfig
     needs_labels = True
+    data_parallel_fit = True
     shuffle_noise_pass: bool = True
 
     def __init__(self, config: ErrorMinimisingConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
@@ -153,7 +154,8 @@ class _MinMin(StoredNoiseGenerator):
             if not self._pending_batches:
                 self._pending_batches = next(train_order)
             idx = self._pending_batches.pop(0)
-            sgd_step(model, optimizer, *self._noisy(x_all, y_all, idx), self.autocast())
+            mine = self.ranks.share(idx)
+            sgd_step(model, optimizer, *self._noisy(x_all, y_all, mine), self.autocast(), ranks=self.ranks, share=len(mine) / len(idx))
 
     def _noisy(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x_all[idx].to(self.device)
@@ -163,25 +165,33 @@ class _MinMin(StoredNoiseGenerator):
         return noisy, y
 
     def _noise_pass_batch(self, model, x_all, y_all, idx) -> None:
+        """PGD on this process's share of the batch; the shares are gathered so that every
+        process stores the noise of the whole batch."""
         cfg: ErrorMinimisingConfig = self.config
         model.eval().requires_grad_(False)
-        x = x_all[idx].to(self.device).contiguous(memory_format=torch.channels_last)
-        y = y_all[idx].to(self.device)
-        start = self._noise_for(idx, y_all[idx]).to(self.device)
-        delta = min_min_pgd(
-            model, x, y, start, steps=cfg.steps, step_size=cfg.step_size, eps=cfg.eps, autocast=self.autocast()
-        )
-        self._store(idx, y_all[idx], delta.float().cpu())
+        mine = self.ranks.share(idx)
+        x = x_all[mine].to(self.device).contiguous(memory_format=torch.channels_last)
+        y = y_all[mine].to(self.device)
+        start = self._noise_for(mine, y_all[mine]).to(self.device)
+        delta = start
+        if len(mine):
+            delta = min_min_pgd(
+                model, x, y, start, steps=cfg.steps, step_size=cfg.step_size, eps=cfg.eps, autocast=self.autocast()
+            )
+        delta = self.ranks.gather(delta.float(), len(idx))
+        self._store(idx, y_all[idx], delta.cpu())
 
     @torch.no_grad()
     def _error_on_noisy_data(self, model, x_all, y_all) -> float:
         model.eval()
         wrong = 0
         for idx in torch.arange(len(x_all)).split(self.config.batch_size):
-            x, y = self._noisy(x_all, y_all, idx)
-            with self.autocast():
-                wrong += int((model(x).argmax(1) != y).sum())
-        return wrong / len(x_all)
+            mine = self.ranks.share(idx)
+            if len(mine):
+                x, y = self._noisy(x_all, y_all, mine)
+                with self.autocast():
+                    wrong += int((model(x).argmax(1) != y).sum())
+        return self.ranks.total(wrong) / len(x_all)
 
     def fit_summary(self) -> dict[str, Any]:
         return {"rounds_run": self.rounds_run, "final_error": self.final_error, "converged": self.converged}
