@@ -1,12 +1,13 @@
 """Apply-phase throughput and peak memory of `protect batch`, for growing exports, on the
 local and Ray engines.
 
-The export is WebDataset-style tar shards built from ../shared/data/cifar10/train (50,000 JPEGs,
-replicated to reach larger N, classes interleaved so every shard holds all ten). An em-classwise
+The export is WebDataset-style tar shards (``--exports tar``) or a JSONL manifest naming image
+files (``jsonl``) built from ../shared/data/cifar10/train (50,000 JPEGs, replicated to reach
+larger N, classes interleaved so every shard holds all ten). An em-classwise
 protector is fitted once on a small sample beforehand, so each timed run is the apply phase
 alone: read, decode, perturb, check the budget, encode PNG, write the shards. Every (N, engine)
 run is a fresh process; its peak memory is sampled over the whole process tree (driver, local
-workers, Ray's processes), Linux /proc only.
+workers, Ray's processes) and for the driver alone, Linux /proc only.
 
     python benchmarks/batch_throughput.py                          # N = 10k, 50k, 100k
     python benchmarks/batch_throughput.py --sizes 2000 --workers 2 # a quick check
@@ -60,6 +61,34 @@ def build_export(folder: Path, n: int) -> Path:
     return folder
 
 
+def build_manifest(folder: Path, n: int) -> Path:
+    """A JSONL manifest of ``n`` rows (image path, class index) naming links to the JPEGs."""
+    manifest = folder / "data.jsonl"
+    if (folder / ".complete").exists():
+        return manifest
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "img").mkdir(parents=True)
+    files = cifar_files()
+    with open(manifest, "w", encoding="utf-8") as handle:
+        for k in range(n):
+            path, label = files[k % len(files)]
+            (folder / "img" / f"{k:07d}.jpg").symlink_to(path.resolve())
+            handle.write(json.dumps({"image": f"img/{k:07d}.jpg", "label": str(label)}) + "\n")
+    (folder / ".complete").touch()
+    return manifest
+
+
+EXPORTS = {"tar": build_export, "jsonl": build_manifest}
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return next((int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:")), 0)
+    except OSError:
+        return 0
+
+
 def tree_rss_bytes(root_pid: int) -> int:
     """Resident memory of ``root_pid`` and all its descendants, from /proc."""
     parents: dict[int, int] = {}
@@ -76,28 +105,21 @@ def tree_rss_bytes(root_pid: int) -> int:
         children = [child for child, parent in parents.items() if parent == pid and child not in tree]
         tree.update(children)
         frontier.extend(children)
-    total = 0
-    for pid in tree:
-        try:
-            with open(f"/proc/{pid}/status") as handle:
-                for line in handle:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
+    return sum(rss_bytes(pid) for pid in tree)
 
 
-def run_measured(command: list[str]) -> tuple[dict, int]:
-    """Run ``command``, sampling its process tree's memory; returns its JSON result and the peak."""
+def run_measured(command: list[str]) -> tuple[dict, int, int]:
+    """Run ``command``, sampling its memory; returns its JSON result, the peak of its whole
+    process tree and the peak of the driver process alone."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak = 0
+    peak = driver_peak = 0
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, driver_peak
         while not stop.is_set():
             peak = max(peak, tree_rss_bytes(process.pid))
+            driver_peak = max(driver_peak, rss_bytes(process.pid))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -107,7 +129,7 @@ def run_measured(command: list[str]) -> tuple[dict, int]:
     sampler.join()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with exit code {process.returncode}")
-    return json.loads(output.strip().splitlines()[-1]), peak
+    return json.loads(output.strip().splitlines()[-1]), peak, driver_peak
 
 
 def one_run(args: argparse.Namespace) -> None:
@@ -137,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
     parser.add_argument("--engines", nargs="+", default=["local", "ray"], choices=["local", "ray"])
+    parser.add_argument("--exports", nargs="+", default=["tar"], choices=sorted(EXPORTS))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--unit-size", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path("/tmp/protect-batch-bench"))
@@ -154,22 +177,24 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     protector = fit_protector(args.work)
     rows = []
-    for n in args.sizes:
-        source = build_export(args.work / f"export-{n}", n)
-        for engine in args.engines:
-            dest = args.work / f"out-{n}-{engine}"
-            command = [sys.executable, __file__, "--one", "--source", str(source), "--dest", str(dest),
-                       "--protector", str(protector), "--engine", engine, "--workers", str(args.workers),
-                       "--unit-size", str(args.unit_size)]
-            result, peak = run_measured(command)
-            shutil.rmtree(dest)
-            rows.append((n, engine, result["written"], result["written"] / result["apply_seconds"], peak / 2**20))
-            print(f"done N={n} {engine}", file=sys.stderr, flush=True)
+    for export in args.exports:
+        for n in args.sizes:
+            source = EXPORTS[export](args.work / (f"export-{n}" if export == "tar" else f"export-{export}-{n}"), n)
+            for engine in args.engines:
+                dest = args.work / f"out-{export}-{n}-{engine}"
+                command = [sys.executable, __file__, "--one", "--source", str(source), "--dest", str(dest),
+                           "--protector", str(protector), "--engine", engine, "--workers", str(args.workers),
+                           "--unit-size", str(args.unit_size)]
+                result, peak, driver = run_measured(command)
+                shutil.rmtree(dest)
+                rate = result["written"] / result["apply_seconds"]
+                rows.append((export, n, engine, result["written"], rate, peak / 2**20, driver / 2**20))
+                print(f"done {export} N={n} {engine}", file=sys.stderr, flush=True)
     print(f"\napply phase, em-classwise with a saved protector, {args.workers} workers, units of {args.unit_size}\n")
-    print("| N | engine | written | images/s | peak RSS, all processes (MiB) |")
-    print("|---:|---|---:|---:|---:|")
-    for n, engine, written, rate, peak in rows:
-        print(f"| {n:,} | {engine} | {written:,} | {rate:,.0f} | {peak:,.0f} |")
+    print("| export | N | engine | written | images/s | peak RSS, all processes (MiB) | peak RSS, driver (MiB) |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for export, n, engine, written, rate, peak, driver in rows:
+        print(f"| {export} | {n:,} | {engine} | {written:,} | {rate:,.0f} | {peak:,.0f} | {driver:,.0f} |")
 
 
 if __name__ == "__main__":
