@@ -268,7 +268,8 @@ def batch(
                 method, source, dest, input_format=input_format, columns=columns, eps=eps_value, config_file=config,
                 overrides=overrides, seed=seed, device=torch_device, output_format=output_format, allow_lossy=allow_lossy,
                 engine=engine, workers=workers, address=address, unit_size=unit_size, fit_sample=fit_sample,
-                fit_devices=fit_devices.split(",") if fit_devices else None, protector=protector, save_protector_to=save_protector, overwrite=overwrite, max_pixels=max_pixels,
+                fit_devices=fit_devices.split(",") if fit_devices else None, protector=protector,
+                save_protector_to=save_protector, overwrite=overwrite, max_pixels=max_pixels,
                 reporter=RichReporter(progress),
             )
         except UsageError as exc:

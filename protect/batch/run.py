@@ -98,9 +98,9 @@ def protect_export(
 
     ``fit_devices``: do the once-for-the-export fit data-parallel on these devices, one process
     each (:mod:`protect.distributed`). Raises :class:`UsageError` before writing anything when
-    the request is wrong; records that
-    cannot be protected are left out of the output and listed in the summary. Rerunning the
-    same call after an interruption finishes the job (``dest/.protect-batch`` holds its state).
+    the request is wrong; records that cannot be protected are left out of the output and
+    listed in the summary. Rerunning the same call after an interruption finishes the job
+    (``dest/.protect-batch`` holds its state).
     """
     started = time.perf_counter()
     reporter = reporter or NullReporter()
@@ -196,12 +196,15 @@ def _check_fit_devices(method: str, fit_devices: list[str] | None, protector: Pa
         check_devices(fit_devices)
     except (ConfigError, DistributedFitError) as exc:
         raise UsageError(f"--fit-devices: {exc}") from None
-    if protector is not None or cls.fit_scope is FitScope.FITTED_IMAGES or not cls.data_parallel_fit:
-        raise UsageError(
-            f"--fit-devices is for methods fitted once for the whole export on several devices; {method} "
-            + ("reuses the saved protector" if protector is not None else "fits per unit" if cls.fit_scope is FitScope.FITTED_IMAGES
-               else "fits on one device")
-        )
+    if protector is not None:
+        why = "reuses the saved protector, with no fit"
+    elif cls.fit_scope is FitScope.FITTED_IMAGES:
+        why = "fits per unit"
+    elif not cls.data_parallel_fit:
+        why = "fits on one device"
+    else:
+        return
+    raise UsageError(f"--fit-devices is for methods fitted once for the whole export on several devices; {method} {why}")
 
 
 def _check_paths(source: Path, dest: Path, save_protector_to: Path | str | None) -> None:
