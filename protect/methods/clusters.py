@@ -348,7 +348,9 @@ class UnlearnableClusters(Generator):
         self.deltas = torch.stack(deltas)
         self.summary_facts = {
             "clusters": k, "cluster_sizes": torch.bincount(assignments, minlength=k).tolist(),
-            "final_kl": losses, "surrogate": f"{cfg.surrogate}:{cfg.surrogate_model}",
+            "final_kl": losses,
+            # this project's CNNs are named by `surrogate` alone; CLIP, timm and torchvision by the model too
+            "surrogate": cfg.surrogate if cfg.surrogate in SURROGATES else f"{cfg.surrogate}:{cfg.surrogate_model}",
             "surrogate_weights": self.weights if self.weights == RANDOM_WEIGHTS else Path(self.weights).name,
         }
 
