@@ -75,8 +75,8 @@ class Batch:
     images: float32 (N, 3, R, R) in [0, 1]; labels: int64 (N,) or None;
     indices: int64 (N,) positions in the dataset the generator was fitted on;
     paths: each image's name, when the caller knows it: its path relative to the input folder
-    (POSIX), or its record key in an export; methods that describe images by text look their
-    captions up by it;
+    (POSIX), or its name within an export (independent of where the export lies); methods that
+    describe images by text look their captions and codes up by it;
     class_names: each image's class name (None where it has none), when the source has classes;
     captions: each image's caption as given by its source (None where it has none), e.g. a
     manifest's caption column.

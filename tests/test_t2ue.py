@@ -4,6 +4,7 @@ alone, and the contrastive victim; tiny random CLIP (no weights, no network)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,16 @@ def test_batch_protects_each_record_from_its_caption_or_class(tmp_path: Path, tr
     assert np.array_equal(out["a.png"], out["b.png"])  # same caption: same class-wise noise
     assert np.array_equal(out["a.png"], out["d.png"])  # label cat: the template gives the same caption
     assert not np.array_equal(out["a.png"], out["c.png"])
+
+    # Sample-wise codes follow each record's name within the export, not where the export lies.
+    shutil.copytree(tmp_path / "src", tmp_path / "moved" / "elsewhere")
+    written = []
+    for source, dest in ((tmp_path / "src", tmp_path / "sw1"), (tmp_path / "moved" / "elsewhere", tmp_path / "sw2")):
+        protect_export("t2ue", source / "data.jsonl", dest, unit_size=2, workers=1,
+                       overrides={"generator": str(trained), "surrogate_weights": "random", "mode": "samplewise"})
+        written.append([(dest / "images" / name).read_bytes() for name in ("a.png", "b.png", "c.png", "d.png")])
+    assert written[0] == written[1]
+    assert written[0][0] != written[0][1]  # same caption, another image: another code
 
 
 def test_train_command_on_a_labelled_folder(tmp_path: Path, make_images) -> None:

@@ -42,7 +42,9 @@ class ColumnOptions:
 class Record:
     """One source record. ``image`` is the encoded image (None for a record without one, which
     is passed through unchanged); ``error`` refuses the record before decoding; ``payload`` is
-    what the format needs to write the record back."""
+    what the format needs to write the record back. ``key`` names the record in messages (with
+    the source's location); ``name`` names it within the export, wherever the export lies
+    (what methods that key noise by image see)."""
 
     key: str
     image: bytes | None
@@ -50,6 +52,7 @@ class Record:
     caption: str | None = None
     error: str | None = None
     payload: Any = None
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ class ImageFolderFormat(ExportFormat):
             if out_rel is None:  # not an image: copied unchanged
                 yield Record(str(path), None, payload=(rel, data))
             else:
-                yield Record(str(path), data, label, payload=(out_rel, None))
+                yield Record(str(path), data, label, payload=(out_rel, None), name=rel)
 
     def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
         for record, protected in records:
@@ -240,7 +243,7 @@ class _ManifestFormat(ExportFormat):
             except OSError as exc:
                 yield Record(f"{key} ({path})", None, label, caption, error=f"cannot be read ({exc.strerror or exc})")
                 continue
-            yield Record(f"{key} ({path})", data, label, caption, payload=(row, out))
+            yield Record(f"{key} ({path})", data, label, caption, payload=(row, out), name=f"{self.source.name}:row {row_number}")
 
     def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
         rows = []
@@ -420,9 +423,9 @@ class TarFormat(ExportFormat):
                 for info in members:
                     handle.seek(info.offset_data)
                     contents.append(handle.read(info.size))
-                yield self._record(name, tuple(members), contents)
+                yield self._record(name, f"{Path(path).name}:{key}", tuple(members), contents)
 
-    def _record(self, name: str, members: tuple[tarfile.TarInfo, ...], contents: list[bytes]) -> Record:
+    def _record(self, name: str, stable_name: str, members: tuple[tarfile.TarInfo, ...], contents: list[bytes]) -> Record:
         images = [i for i, info in enumerate(members) if _is_image_name(info.name)]
         label = caption = None
         for info, data in zip(members, contents):
@@ -435,7 +438,7 @@ class TarFormat(ExportFormat):
         if len(images) > 1:
             names = ", ".join(members[i].name for i in images)
             return Record(name, None, label, caption, error=f"sample has {len(images)} image members ({names}); one per sample is supported")
-        return Record(name, contents[images[0]] if images else None, label, caption, payload=payload)
+        return Record(name, contents[images[0]] if images else None, label, caption, payload=payload, name=stable_name)
 
     def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
         with atomic_open(part, "wb") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as out:
@@ -525,7 +528,7 @@ class ZipFormat(ExportFormat):
                 except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
                     yield Record(name, None, label, error=f"cannot be read from the archive ({exc})")
                     continue
-                yield Record(name, data if out else None, label, payload=(info, out, data))
+                yield Record(name, data if out else None, label, payload=(info, out, data), name=f"{Path(path).name}:{info.filename}")
 
     def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
         with atomic_open(part, "wb") as handle, zipfile.ZipFile(handle, "w") as out:
@@ -598,7 +601,7 @@ class ParquetFormat(ExportFormat):
             if not isinstance(data, (bytes, bytearray)):
                 yield Record(name, None, label, caption, error=f"no image bytes in column {self.columns.image!r}")
                 continue
-            yield Record(name, bytes(data), label, caption, payload=row)
+            yield Record(name, bytes(data), label, caption, payload=row, name=f"{Path(path).name}:row {first_row + offset}")
 
     def _protected_row(self, row: dict[str, Any], protected: bytes) -> dict[str, Any]:
         cell = row[self.columns.image]

@@ -261,7 +261,7 @@ def _records_batch(todo: list[tuple[Record, LoadedImage, int | None, int]], gene
         images=torch.stack([working_tensor(image, resolution) for _, image, _, _ in todo]).float().div(255).to(device),
         labels=None if labels[0] is None else torch.tensor(labels, dtype=torch.long, device=device),
         indices=torch.tensor([position for *_, position in todo], dtype=torch.long, device=device),
-        paths=[record.key for record in records],
+        paths=[record.name or record.key for record in records],
         class_names=[record.label for record in records],
         captions=[record.caption for record in records],
     )
