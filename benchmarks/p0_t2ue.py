@@ -39,6 +39,7 @@ from attacks.victims import build_victim
 from protect.clip import load_clip
 from protect.t2ue import (
     CLIP_TEMPLATES,
+    LoadedGenerator,
     T2UETrainConfig,
     code_for,
     infonce_of,
@@ -67,9 +68,8 @@ def train_surrogate(data: Path, name: str, epochs: int, path: Path, classes: lis
     return {"seconds": result.seconds, "losses": result.losses, "pairs": len(pairs)}
 
 
-def noise_throughput(generator_path: Path, weights: Path, count: int = 1000, batch: int = 128) -> float:
+def noise_throughput(loaded: LoadedGenerator, count: int = 1000, batch: int = 128) -> float:
     """Noise images per second from captions alone (text embedding + generator, 32 px)."""
-    loaded = load_generator(generator_path, clip_weights=str(weights))
     texts = [CLIP_TEMPLATES[i % len(CLIP_TEMPLATES)].format(f"thing {i}") for i in range(count)]
     started = time.perf_counter()
     for start in range(0, count, batch):
@@ -121,9 +121,10 @@ def main() -> None:
     pairs = pairs_from_folder(disjoint, config.resolution, config.templates)
     started = time.perf_counter()
     trained = train_generator(pairs, config, gen_dir, clip=clip)
+    seconds = time.perf_counter() - started
     loaded = load_generator(trained.generator, clip_weights=str(weights))
-    generator_facts = {"seconds": time.perf_counter() - started, "first_loss": trained.epoch_losses[0],
-                       "last_loss": trained.epoch_losses[-1], "noise_images_per_s": noise_throughput(trained.generator, weights),
+    generator_facts = {"seconds": seconds, "first_loss": trained.epoch_losses[0],
+                       "last_loss": trained.epoch_losses[-1], "noise_images_per_s": noise_throughput(loaded),
                        "infonce_clean": infonce_of(loaded.net, clip, pairs, config.eps, with_noise=False),
                        "infonce_noisy": infonce_of(loaded.net, clip, pairs, config.eps)}
 

@@ -5,7 +5,6 @@ like a single-process one."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,6 @@ from protect.distributed import DistributedFitError, Ranks, check_devices, fit_d
 from protect.generator import create_generator, resolve_config
 from protect.pipeline import UsageError
 from protect.surrogates import sgd_step
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 def _problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
