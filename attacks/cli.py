@@ -38,6 +38,10 @@ def verify(
     resolution: int = typer.Option(32, "--resolution", help="Victims train at this square size (pixels)."),
     report_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: PROTECTED-verify beside it). "
                                               "Finished cells there are reused."),
+    baselines: Optional[Path] = typer.Option(
+        None, "--baselines", help="Folder where clean and control training runs are kept and reused by any verify run "
+        "over the same clean train and test sets (e.g. when verifying several methods' outputs of one folder).",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     relabel: Optional[str] = typer.Option(None, "--relabel", help="Labels the victims train and test with: true (default), "
                                           "coarse:FILE (class groups, e.g. configs/relabel/cifar10-coarse.yaml) or "
@@ -58,7 +62,8 @@ def verify(
     cells = plan.cells()
     err.print(f"verify: {len(cells)} training runs ({len(data.clean)} train / {len(data.test)} test images)", highlight=False)
     with progress_display() as progress:
-        results = run_plan(plan, data, report_dir, device=torch_device, reporter=RichReporter(progress))
+        results = run_plan(plan, data, report_dir, device=torch_device, reporter=RichReporter(progress),
+                           baselines=baselines)
     rows = summarise(results, len(data.clean.classes))
     meta = {
         "protected": str(protected), "clean_train": str(clean_train), "test": str(test), "preset": preset,

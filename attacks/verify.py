@@ -2,7 +2,8 @@
 
 A verification run is data: a list of :class:`Cell` specs (victim, countermeasure and its
 settings, training data, epochs, seed). Presets expand to such lists. Each finished cell is
-saved under ``REPORT_DIR/cells/`` so an interrupted run picks up where it stopped.
+saved under ``REPORT_DIR/cells/`` so an interrupted run picks up where it stopped; with a
+baselines folder, clean and control cells are also shared between runs over the same clean data.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from attacks.train import TrainConfig, train_classifier
 from attacks.victims import VICTIM_LR, VICTIMS, build_victim
 from protect.budget import perturb_uint8
 from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
+from protect.images import write_text_atomic
 from protect.progress import NullReporter, Reporter
 
 DATA_KINDS = ("clean", "control", "protected")
@@ -84,7 +86,9 @@ class Plan:
         return cells
 
 
-ALL_COUNTERMEASURES = [(name, {"clean_fraction": 0.5} if name == "mix" else {}) for name in COUNTERMEASURES]
+# PROTOCOL.md's P0 list; bit-depth reduction and blur are there on request (--countermeasures).
+P0_COUNTERMEASURES = [(name, {"clean_fraction": 0.5} if name == "mix" else {})
+                      for name in COUNTERMEASURES if name not in ("bit-depth", "blur")]
 
 PRESETS: dict[str, Plan] = {
     # Finishes on protocol P0 on 2 CPU cores in under 15 minutes.
@@ -98,7 +102,7 @@ PRESETS: dict[str, Plan] = {
     # Protocol P0 as written in PROTOCOL.md.
     "standard": Plan(
         victims=["small-cnn", "resnet18"],
-        countermeasures=ALL_COUNTERMEASURES,
+        countermeasures=P0_COUNTERMEASURES,
         epochs={"small-cnn": 15, "resnet18": 8},
         seeds={"small-cnn": 3, "resnet18": 1},
         per_class={"resnet18": 500},
@@ -288,26 +292,47 @@ def _run_contrastive_cell(
     return {"cell": asdict(cell), **result, "train_images": len(train)}
 
 
+def baseline_fingerprint(data: VerifyData) -> str:
+    """Identifies what clean and control cells train and test on (the clean, control and test
+    images with the labels victims see), so runs over different protected versions of the same
+    clean data can share those cells."""
+    digest = hashlib.sha256()
+    for part in (data.clean, data.control, data.test):
+        digest.update(part.images.contiguous().numpy().tobytes())
+        digest.update(part.labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run_plan(
-    plan: Plan, data: VerifyData, out_dir: Path, *, device: torch.device | str = "cpu", reporter: Reporter | None = None
+    plan: Plan, data: VerifyData, out_dir: Path, *, device: torch.device | str = "cpu", reporter: Reporter | None = None,
+    baselines: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every cell of ``plan`` not already finished in ``out_dir/cells``; return all results."""
+    """Run every cell of ``plan`` not already finished in ``out_dir/cells`` (or, for clean and
+    control cells, in ``baselines``); return all results. Finished cells are written to both."""
     reporter = reporter or NullReporter()
     device = torch.device(device)
     cells_dir = Path(out_dir) / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
+    shared_dir = Path(baselines) / baseline_fingerprint(data) if baselines is not None else None
+    if shared_dir is not None:
+        shared_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for cell in plan.cells():
-        path = cells_dir / f"{cell.key()}.json"
-        if path.exists():
-            results.append(json.loads(path.read_text()))
-            reporter.message(f"already done: {cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}")
-            continue
-        started = time.perf_counter()
-        result = run_cell(cell, data, device=device, reporter=reporter)
-        result["wall_seconds"] = time.perf_counter() - started
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(path)
+        name = f"{cell.key()}.json"
+        places = [cells_dir / name]
+        if shared_dir is not None and cell.data != "protected":
+            places.append(shared_dir / name)
+        finished = next((path for path in places if path.exists()), None)
+        if finished is not None:
+            result = json.loads(finished.read_text())
+            origin = "" if finished.parent == cells_dir else " (shared baseline)"
+            reporter.message(f"already done{origin}: {cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}")
+        else:
+            started = time.perf_counter()
+            result = run_cell(cell, data, device=device, reporter=reporter)
+            result["wall_seconds"] = time.perf_counter() - started
+        for path in places:
+            if not path.exists():
+                write_text_atomic(path, json.dumps(result))
         results.append(result)
     return results

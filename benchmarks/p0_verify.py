@@ -2,7 +2,8 @@
 
 Protects the P0 train subset with each method (reusing benchmarks/results/p0/<method> when
 p0.py already wrote it), runs `protect verify` with the chosen preset, and prints the
-matrix with its wall time.
+matrix with its wall time. The clean and control cells are trained once and shared by all
+methods (benchmarks/results/p0/verify-baselines).
 
     python benchmarks/p0_verify.py --preset quick                 # ~15 min per method on 2 cores
     python benchmarks/p0_verify.py --preset standard              # P0 as written: hours on CPU
@@ -44,7 +45,8 @@ def main() -> None:
         report = args.work / f"verify-{args.preset}-{method}"
         started = time.perf_counter()
         subprocess.run([*cli, "verify", str(protected), "--clean-train", str(subset), "--test", str(test),
-                        "--preset", args.preset, "--out", str(report), *args.extra], check=True)
+                        "--preset", args.preset, "--out", str(report),
+                        "--baselines", str(args.work / "verify-baselines"), *args.extra], check=True)
         seconds = time.perf_counter() - started
         document = json.loads((report / "report.json").read_text())
         print(f"\n### {method}: protocol P0, preset {args.preset}, wall time {seconds:.0f} s "

@@ -128,3 +128,41 @@ def test_verify_end_to_end_on_real_data(cifar_small: dict, tmp_path: Path) -> No
     # A second run reuses the finished cells instead of retraining.
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "already done" in again.output
+
+
+def test_baselines_are_shared_between_protected_folders_of_the_same_clean_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import attacks.verify as verify
+
+    _write_folder(tmp_path / "train", _easy_set(6, 0))
+    _write_folder(tmp_path / "test", _easy_set(3, 1))
+    _write_folder(tmp_path / "other-train", _easy_set(6, 2))
+    for name, train, seed in (("a", "train", 0), ("b", "train", 1), ("c", "other-train", 0)):
+        protect_folder("random", tmp_path / train, tmp_path / name, seed=seed)
+    trained: list[tuple[str, str]] = []
+    real_run_cell = verify.run_cell
+
+    def counting_run_cell(cell: verify.Cell, *args: object, **kwargs: object) -> dict:
+        trained.append((cell.data, cell.countermeasure))
+        return real_run_cell(cell, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "run_cell", counting_run_cell)
+    plan = make_plan("quick", countermeasures=["none", "mix"], epochs=1)
+    baselines = tmp_path / "baselines"
+
+    def verify_folder(name: str, train: str) -> list[dict]:
+        trained.clear()
+        data = load_verify_data(tmp_path / name, tmp_path / train, tmp_path / "test")
+        return verify.run_plan(plan, data, tmp_path / f"{name}-report", baselines=baselines)
+
+    first = verify_folder("a", "train")
+    assert sorted(trained) == [("clean", "none"), ("control", "mix"), ("control", "none"), ("protected", "mix"),
+                               ("protected", "none")]
+    second = verify_folder("b", "train")
+    assert sorted(trained) == [("protected", "mix"), ("protected", "none")]
+    assert [r["final"] for r in first if r["cell"]["data"] != "protected"] == \
+        [r["final"] for r in second if r["cell"]["data"] != "protected"]
+    assert len(list((tmp_path / "b-report" / "cells").glob("*.json"))) == 5
+    verify_folder("c", "other-train")  # other clean data: nothing shared
+    assert len(trained) == 5
