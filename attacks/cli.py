@@ -64,7 +64,7 @@ def verify(
     with progress_display() as progress:
         results = run_plan(plan, data, report_dir, device=torch_device, reporter=RichReporter(progress),
                            baselines=baselines)
-    rows = summarise(results, len(data.clean.classes))
+    rows = summarise(results, data.chance)
     meta = {
         "protected": str(protected), "clean_train": str(clean_train), "test": str(test), "preset": preset,
         "plan": {"victims": plan.victims, "countermeasures": plan.countermeasures, "epochs": plan.epochs,

@@ -35,8 +35,9 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def summarise(results: list[dict[str, Any]], num_classes: int) -> list[dict[str, Any]]:
-    """One row per (victim, countermeasure): stats per data kind and a verdict."""
+def summarise(results: list[dict[str, Any]], chance: float) -> list[dict[str, Any]]:
+    """One row per (victim, countermeasure): stats per data kind and a verdict against
+    ``chance`` (VerifyData.chance)."""
     grouped: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     order: list[tuple[str, str]] = []
     for result in results:
@@ -46,7 +47,6 @@ def summarise(results: list[dict[str, Any]], num_classes: int) -> list[dict[str,
             order.append(key)
         grouped[key][cell["data"]].append(result)
     plain_clean = {victim: runs["clean"] for (victim, cm), runs in grouped.items() if cm == "none" and runs.get("clean")}
-    chance = 1.0 / num_classes
     rows = []
     for victim, countermeasure in order:
         runs = grouped[(victim, countermeasure)]
@@ -95,7 +95,7 @@ def _verdict(row: dict[str, Any], chance: float) -> dict[str, Any]:
 def evaluation_warnings(rows: list[dict[str, Any]], data: VerifyData) -> list[str]:
     """Mistakes that make a verification meaningless or misleading."""
     warnings = []
-    chance = 1.0 / len(data.clean.classes)
+    chance = data.chance
     for row in rows:
         name = f"{row['victim']} / {row['countermeasure']}"
         clean = row.get("clean", {}).get("final", {}).get("mean")
@@ -154,7 +154,7 @@ def write_report(
 def _markdown(rows: list[dict[str, Any]], warnings: list[str], data: VerifyData, meta: dict[str, Any]) -> str:
     protection = data.protection
     summary = protection.get("summary", {})
-    chance = 100.0 / len(data.clean.classes)
+    chance = 100.0 * data.chance
     lines = [
         "# Protection card",
         "",
@@ -168,7 +168,7 @@ def _markdown(rows: list[dict[str, Any]], warnings: list[str], data: VerifyData,
         f"- Labels used by the victims: {meta.get('labelling', 'the clean folders’ class names')}",
         "",
         "## Clean test accuracy of victims (%)",
-        f"Chance is {chance:.1f}%. Control = the same images with uniform random noise of the same budget. "
+        f"Chance (always answering the most frequent test label) is {chance:.1f}%. Control = the same images with uniform random noise of the same budget. "
         "Mean ± standard deviation over seeds; final epoch (peak over epochs in brackets).",
         "",
         "| victim | countermeasure | clean | control | protected | verdict |",

@@ -173,6 +173,12 @@ class VerifyData:
     eps: float
     labelling: str = "the true labels (the clean folders' class names)"
 
+    @property
+    def chance(self) -> float:
+        """Test accuracy of always answering the most frequent test label: 1/classes on a
+        balanced test set, more on an unbalanced one or under a coarse relabelling."""
+        return torch.bincount(self.test.labels).max().item() / len(self.test)
+
     def training_set(self, data: str) -> ImageSet:
         return {"clean": self.clean, "control": self.control, "protected": self.protected}[data]
 

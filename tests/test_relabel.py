@@ -68,6 +68,10 @@ def test_verify_with_a_coarse_relabelling_reports_it(tmp_path: Path) -> None:
     mapping.write_text(COARSE)
     data = load_verify_data(tmp_path / "prot", tmp_path / "train", tmp_path / "test", relabel=f"coarse:{mapping}")
     assert data.clean.classes == ["animal", "vehicle"] and "coarse groups" in data.labelling
+    assert data.chance == 0.5
+    uneven = tmp_path / "uneven.yaml"
+    uneven.write_text("groups:\n  three: [cat, dog, ship]\n  one: [truck]\n")
+    assert load_verify_data(tmp_path / "prot", tmp_path / "train", tmp_path / "test", relabel=f"coarse:{uneven}").chance == 0.75
 
     result = CliRunner().invoke(app, [
         "verify", str(tmp_path / "prot"), "--clean-train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
@@ -78,8 +82,9 @@ def test_verify_with_a_coarse_relabelling_reports_it(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["relabel"] == f"coarse:{mapping}" and "coarse groups" in report["labelling"]
     assert all(cell["cell"]["relabel"] == f"coarse:{mapping}" for cell in report["cells"])
-    assert f"Labels used by the victims: coarse groups of the true classes from {mapping}" in (
-        tmp_path / "report" / "report.md").read_text()
+    card = (tmp_path / "report" / "report.md").read_text()
+    assert f"Labels used by the victims: coarse groups of the true classes from {mapping}" in card
+    assert "Chance (always answering the most frequent test label) is 50.0%" in card
     bad = CliRunner().invoke(app, ["verify", str(tmp_path / "prot"), "--clean-train", str(tmp_path / "train"),
                                    "--test", str(tmp_path / "test"), "--relabel", "kmeans:one"])
     assert bad.exit_code == 2 and "integer K" in bad.output
