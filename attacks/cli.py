@@ -42,6 +42,10 @@ def verify(
         None, "--baselines", help="Folder where clean and control training runs are kept and reused by any verify run "
         "over the same clean train and test sets (e.g. when verifying several methods' outputs of one folder).",
     ),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Write the card from the training runs already finished (in --out and --baselines) "
+        "and train nothing: a look at a long run while it is under way.",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     relabel: Optional[str] = typer.Option(None, "--relabel", help="Labels the victims train and test with: true (default), "
                                           "coarse:FILE (class groups, e.g. configs/relabel/cifar10-coarse.yaml) or "
@@ -63,7 +67,10 @@ def verify(
     err.print(f"verify: {len(cells)} training runs ({len(data.clean)} train / {len(data.test)} test images)", highlight=False)
     with progress_display() as progress:
         results = run_plan(plan, data, report_dir, device=torch_device, reporter=RichReporter(progress),
-                           baselines=baselines)
+                           baselines=baselines, train=not report_only)
+    if not results:
+        raise fail(f"no finished training runs in {report_dir / 'cells'}" + (f" or {baselines}" if baselines else "")
+                   + "; run without --report-only to train them")
     rows = summarise(results, data.chance)
     meta = {
         "protected": str(protected), "clean_train": str(clean_train), "test": str(test), "preset": preset,
@@ -71,6 +78,8 @@ def verify(
                  "seeds": plan.seeds, "per_class": plan.per_class},
         "relabel": plan.relabel or "true", "labelling": data.labelling,
         "device": str(torch_device), "seconds": time.perf_counter() - started,
+        "runs": {"planned": len(cells), "finished": len(results),
+                 "seconds": sum(r.get("wall_seconds", r["seconds"]) for r in results)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "protect": metadata.version("protect")},
     }
     document = write_report(report_dir, rows, results, data, meta)

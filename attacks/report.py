@@ -140,6 +140,10 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     warnings = evaluation_warnings(rows, data)
+    runs = meta.get("runs", {})
+    if runs.get("finished", 0) < runs.get("planned", 0):
+        warnings.insert(0, f"only {runs['finished']} of {runs['planned']} training runs are finished: the table shows "
+                           "what has been measured so far (fewer seeds, missing rows); rerun without --report-only to complete it")
     paths = {
         "curves": _plot_curves(out_dir / "curves.png", rows),
         "matrix": _plot_matrix(out_dir / "matrix.png", rows),
@@ -208,7 +212,9 @@ def _markdown(rows: list[dict[str, Any]], warnings: list[str], data: VerifyData,
         "## How this was measured",
         f"- Preset `{meta['preset']}`; victims trained at {data.clean.images.shape[-1]} px with SGD (Nesterov), "
         "one-cycle learning rate, random crop + flip; bf16 autocast on CPU.",
-        f"- Wall time: {meta['seconds']:.0f} s on {meta['device']}; package versions in report.json.",
+        f"- Wall time: {meta['seconds']:.0f} s on {meta['device']} for this run"
+        + (f"; the {meta['runs']['finished']} training runs shown took {meta['runs']['seconds']:.0f} s in all"
+           if "runs" in meta else "") + "; package versions in report.json.",
         "",
     ]
     return "\n".join(lines)

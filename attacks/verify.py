@@ -311,10 +311,11 @@ def baseline_fingerprint(data: VerifyData) -> str:
 
 def run_plan(
     plan: Plan, data: VerifyData, out_dir: Path, *, device: torch.device | str = "cpu", reporter: Reporter | None = None,
-    baselines: Path | None = None,
+    baselines: Path | None = None, train: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every cell of ``plan`` not already finished in ``out_dir/cells`` (or, for clean and
-    control cells, in ``baselines``); return all results. Finished cells are written to both."""
+    control cells, in ``baselines``); return all results. Finished cells are written to both.
+    With ``train=False`` unfinished cells are left out instead of trained."""
     reporter = reporter or NullReporter()
     device = torch.device(device)
     cells_dir = Path(out_dir) / "cells"
@@ -333,6 +334,8 @@ def run_plan(
             result = json.loads(finished.read_text())
             origin = "" if finished.parent == cells_dir else " (shared baseline)"
             reporter.message(f"already done{origin}: {cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}")
+        elif not train:
+            continue
         else:
             started = time.perf_counter()
             result = run_cell(cell, data, device=device, reporter=reporter)

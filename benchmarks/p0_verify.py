@@ -7,6 +7,7 @@ methods (benchmarks/results/p0/verify-baselines).
 
     python benchmarks/p0_verify.py --preset quick                 # ~15 min per method on 2 cores
     python benchmarks/p0_verify.py --preset standard              # P0 as written: hours on CPU
+    python benchmarks/p0_verify.py --preset standard -- --report-only   # the matrix so far
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def main() -> None:
                         "--baselines", str(args.work / "verify-baselines"), *args.extra], check=True)
         seconds = time.perf_counter() - started
         document = json.loads((report / "report.json").read_text())
-        print(f"\n### {method}: protocol P0, preset {args.preset}, wall time {seconds:.0f} s "
-              f"(all cells, including any reused from an earlier run: {document['seconds']:.0f} s in the last run)\n")
+        runs = document["runs"]
+        print(f"\n### {method}: protocol P0, preset {args.preset}: {runs['finished']} of {runs['planned']} training "
+              f"runs, {runs['seconds']:.0f} s in all (including runs reused from earlier invocations or shared "
+              f"baselines); this invocation {seconds:.0f} s\n")
         print("| victim | countermeasure | clean % | control % | protected % | protected peak % | verdict |")
         print("|---|---|---|---|---|---|---|")
         for row in document["rows"]:

@@ -166,3 +166,22 @@ def test_baselines_are_shared_between_protected_folders_of_the_same_clean_data(
     assert len(list((tmp_path / "b-report" / "cells").glob("*.json"))) == 5
     verify_folder("c", "other-train")  # other clean data: nothing shared
     assert len(trained) == 5
+
+
+def test_report_only_writes_the_card_from_finished_runs_without_training(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "train", _easy_set(6, 0))
+    _write_folder(tmp_path / "test", _easy_set(3, 1))
+    protect_folder("random", tmp_path / "train", tmp_path / "prot")
+    runner = CliRunner()
+    base = ["verify", str(tmp_path / "prot"), "--clean-train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+            "--epochs", "1", "--out", str(tmp_path / "report")]
+    nothing = runner.invoke(app, [*base, "--countermeasures", "none", "--report-only"])
+    assert nothing.exit_code == 2 and "no finished training runs" in nothing.output
+    assert runner.invoke(app, [*base, "--countermeasures", "none"]).exit_code == 0
+    partial = runner.invoke(app, [*base, "--countermeasures", "none,jpeg", "--report-only"])
+    assert partial.exit_code == 0, partial.output
+    assert len(list((tmp_path / "report" / "cells").glob("*.json"))) == 3
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [row["countermeasure"] for row in report["rows"]] == ["none"]
+    assert report["runs"]["planned"] == 6 and report["runs"]["finished"] == 3
+    assert "only 3 of 6 training runs are finished" in (tmp_path / "report" / "report.md").read_text()
