@@ -4,6 +4,7 @@ entry point (so that ``protect`` itself never imports ``attacks``)."""
 from __future__ import annotations
 
 import platform
+import resource
 import time
 from importlib import metadata
 from pathlib import Path
@@ -78,6 +79,7 @@ def verify(
                  "seeds": plan.seeds, "per_class": plan.per_class},
         "relabel": plan.relabel or "true", "labelling": data.labelling,
         "device": str(torch_device), "seconds": time.perf_counter() - started,
+        "peak_memory_mib": _peak_memory_mib(torch_device),
         "runs": {"planned": len(cells), "finished": len(results),
                  "seconds": sum(r.get("wall_seconds", r["seconds"]) for r in results)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "protect": metadata.version("protect")},
@@ -92,6 +94,14 @@ def verify(
     out.print(table)
     for warning in document["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
+
+
+def _peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process and, on a GPU, peak memory allocated there."""
+    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+    if device.type == "cuda":
+        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
 
 
 def register(app: typer.Typer) -> None:

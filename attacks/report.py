@@ -212,12 +212,22 @@ def _markdown(rows: list[dict[str, Any]], warnings: list[str], data: VerifyData,
         "## How this was measured",
         f"- Preset `{meta['preset']}`; victims trained at {data.clean.images.shape[-1]} px with SGD (Nesterov), "
         "one-cycle learning rate, random crop + flip; bf16 autocast on CPU.",
-        f"- Wall time: {meta['seconds']:.0f} s on {meta['device']} for this run"
-        + (f"; the {meta['runs']['finished']} training runs shown took {meta['runs']['seconds']:.0f} s in all"
-           if "runs" in meta else "") + "; package versions in report.json.",
+        _cost_line(meta),
         "",
     ]
     return "\n".join(lines)
+
+
+def _cost_line(meta: dict[str, Any]) -> str:
+    parts = [f"- Wall time: {meta['seconds']:.0f} s on {meta['device']} for this run"]
+    if "runs" in meta:
+        parts.append(f"the {meta['runs']['finished']} training runs shown took {meta['runs']['seconds']:.0f} s in all")
+    memory = meta.get("peak_memory_mib")
+    if memory:
+        parts.append(f"peak memory {memory['rss']:.0f} MiB resident"
+                     + (f", {memory['cuda']:.0f} MiB on the GPU" if "cuda" in memory else ""))
+    parts.append("package versions in report.json.")
+    return "; ".join(parts)
 
 
 COLOURS = {"clean": "#2b8a3e", "control": "#868e96", "protected": "#c92a2a"}

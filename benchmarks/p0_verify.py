@@ -53,7 +53,7 @@ def main() -> None:
         runs = document["runs"]
         print(f"\n### {method}: protocol P0, preset {args.preset}: {runs['finished']} of {runs['planned']} training "
               f"runs, {runs['seconds']:.0f} s in all (including runs reused from earlier invocations or shared "
-              f"baselines); this invocation {seconds:.0f} s\n")
+              f"baselines); this invocation {seconds:.0f} s, peak RSS {document['peak_memory_mib']['rss']:.0f} MiB\n")
         print("| victim | countermeasure | clean % | control % | protected % | protected peak % | verdict |")
         print("|---|---|---|---|---|---|---|")
         for row in document["rows"]:

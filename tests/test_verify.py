@@ -184,4 +184,7 @@ def test_report_only_writes_the_card_from_finished_runs_without_training(tmp_pat
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [row["countermeasure"] for row in report["rows"]] == ["none"]
     assert report["runs"]["planned"] == 6 and report["runs"]["finished"] == 3
-    assert "only 3 of 6 training runs are finished" in (tmp_path / "report" / "report.md").read_text()
+    assert report["peak_memory_mib"]["rss"] > 0
+    card = (tmp_path / "report" / "report.md").read_text()
+    assert "only 3 of 6 training runs are finished" in card and "the 3 training runs shown took" in card
+    assert "MiB resident" in card
