@@ -4,7 +4,6 @@ entry point (so that ``protect`` itself never imports ``attacks``)."""
 from __future__ import annotations
 
 import platform
-import resource
 import time
 from importlib import metadata
 from pathlib import Path
@@ -15,7 +14,7 @@ import typer
 from rich.table import Table
 
 from attacks.report import summarise, write_report
-from attacks.verify import VerifyError, load_verify_data, make_plan, run_plan
+from attacks.verify import VerifyError, largest_peak_memory, load_verify_data, make_plan, peak_memory_mib, run_plan
 from protect.cli import RichReporter, err, fail, out, progress_display, resolve_device
 
 
@@ -79,7 +78,7 @@ def verify(
                  "seeds": plan.seeds, "per_class": plan.per_class},
         "relabel": plan.relabel or "true", "labelling": data.labelling,
         "device": str(torch_device), "seconds": time.perf_counter() - started,
-        "peak_memory_mib": _peak_memory_mib(torch_device),
+        "peak_memory_mib": largest_peak_memory(results, peak_memory_mib(torch_device)),
         "runs": {"planned": len(cells), "finished": len(results),
                  "seconds": sum(r.get("wall_seconds", r["seconds"]) for r in results)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "protect": metadata.version("protect")},
@@ -94,14 +93,6 @@ def verify(
     out.print(table)
     for warning in document["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
-
-
-def _peak_memory_mib(device: torch.device) -> dict[str, float]:
-    """Peak resident memory of this process and, on a GPU, peak memory allocated there."""
-    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
-    if device.type == "cuda":
-        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return peak
 
 
 def register(app: typer.Typer) -> None:

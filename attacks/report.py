@@ -224,7 +224,7 @@ def _cost_line(meta: dict[str, Any]) -> str:
         parts.append(f"the {meta['runs']['finished']} training runs shown took {meta['runs']['seconds']:.0f} s in all")
     memory = meta.get("peak_memory_mib")
     if memory:
-        parts.append(f"peak memory {memory['rss']:.0f} MiB resident"
+        parts.append(f"peak memory {memory['rss']:.0f} MiB resident, the largest over the training processes"
                      + (f", {memory['cuda']:.0f} MiB on the GPU" if "cuda" in memory else ""))
     parts.append("package versions in report.json.")
     return "; ".join(parts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -298,6 +299,25 @@ def _run_contrastive_cell(
     return {"cell": asdict(cell), **result, "train_images": len(train)}
 
 
+def peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process so far and, on a GPU, the peak allocated there
+    since the statistics were last reset."""
+    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+    if device.type == "cuda":
+        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
+def largest_peak_memory(results: list[dict[str, Any]], current: dict[str, float]) -> dict[str, float]:
+    """The largest peak over the processes that trained ``results`` (runs finished before this
+    invocation, possibly in other processes, carry their own) and the ``current`` process."""
+    peak = dict(current)
+    for result in results:
+        for kind, mib in result.get("peak_memory_mib", {}).items():
+            peak[kind] = max(peak.get(kind, 0.0), mib)
+    return peak
+
+
 def baseline_fingerprint(data: VerifyData) -> str:
     """Identifies what clean and control cells train and test on (the clean, control and test
     images with the labels victims see), so runs over different protected versions of the same
@@ -337,9 +357,12 @@ def run_plan(
         elif not train:
             continue
         else:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
             result = run_cell(cell, data, device=device, reporter=reporter)
             result["wall_seconds"] = time.perf_counter() - started
+            result["peak_memory_mib"] = peak_memory_mib(device)
         for path in places:
             if not path.exists():
                 write_text_atomic(path, json.dumps(result))

@@ -178,13 +178,19 @@ def test_report_only_writes_the_card_from_finished_runs_without_training(tmp_pat
     nothing = runner.invoke(app, [*base, "--countermeasures", "none", "--report-only"])
     assert nothing.exit_code == 2 and "no finished training runs" in nothing.output
     assert runner.invoke(app, [*base, "--countermeasures", "none"]).exit_code == 0
+    cells = sorted((tmp_path / "report" / "cells").glob("*.json"))
+    assert len(cells) == 3 and all(json.loads(c.read_text())["peak_memory_mib"]["rss"] > 0 for c in cells)
+    # A run trained by a hungrier process than the reporting one: the card reports that process's peak.
+    hungry = json.loads(cells[0].read_text())
+    hungry["peak_memory_mib"]["rss"] = 10**7
+    cells[0].write_text(json.dumps(hungry))
     partial = runner.invoke(app, [*base, "--countermeasures", "none,jpeg", "--report-only"])
     assert partial.exit_code == 0, partial.output
     assert len(list((tmp_path / "report" / "cells").glob("*.json"))) == 3
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [row["countermeasure"] for row in report["rows"]] == ["none"]
     assert report["runs"]["planned"] == 6 and report["runs"]["finished"] == 3
-    assert report["peak_memory_mib"]["rss"] > 0
+    assert report["peak_memory_mib"]["rss"] == 10**7
     card = (tmp_path / "report" / "report.md").read_text()
     assert "only 3 of 6 training runs are finished" in card and "the 3 training runs shown took" in card
     assert "MiB resident" in card
