@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from attacks.train import _autocast, random_crop_flip
+from attacks.train import random_crop_flip
 from protect.clip import ClipEncoders, load_clip
+from protect.precision import autocast
 
 RECALL_AT = (1, 5, 10)
 CONTRASTIVE_VICTIMS = {"clip-small": "protect-small-clip", "clip-tiny": "protect-tiny-clip"}
@@ -30,7 +31,8 @@ CONTRASTIVE_VICTIMS = {"clip-small": "protect-small-clip", "clip-tiny": "protect
 @dataclass
 class ClipTrainConfig:
     """open_clip's training recipe scaled down: AdamW (beta2 0.98, eps 1e-6), lr 5e-4, weight
-    decay 0.2 on matrices, linear warmup then cosine; random crop + flip; bf16 autocast."""
+    decay 0.2 on matrices, linear warmup then cosine; random crop + flip; bf16 autocast where
+    protect.precision finds it fast."""
 
     epochs: int = 15
     batch_size: int = 256
@@ -133,7 +135,7 @@ def train_clip(
             x = images[idx].to(device).float().div(255)
             if config.augment:
                 x = random_crop_flip(x, gen)
-            with _autocast(device, config.precision):
+            with autocast(device, config.precision):
                 image_features = F.normalize(clip.encode_image(x), dim=-1)
                 # each distinct caption of the batch is encoded once (template captions repeat a lot)
                 distinct, inverse = caption_of[idx].unique(return_inverse=True)

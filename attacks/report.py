@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +151,13 @@ def write_report(
     }
     document = {**meta, "rows": rows, "warnings": warnings, "cells": results, "plots": {k: v.name for k, v in paths.items()}}
     (out_dir / "report.json").write_text(json.dumps(document, indent=2))
-    (out_dir / "report.md").write_text(_markdown(rows, warnings, data, meta))
+    (out_dir / "report.md").write_text(_markdown(rows, results, warnings, data, meta))
     return document
 
 
-def _markdown(rows: list[dict[str, Any]], warnings: list[str], data: VerifyData, meta: dict[str, Any]) -> str:
+def _markdown(
+    rows: list[dict[str, Any]], results: list[dict[str, Any]], warnings: list[str], data: VerifyData, meta: dict[str, Any]
+) -> str:
     protection = data.protection
     summary = protection.get("summary", {})
     chance = 100.0 * data.chance
@@ -211,11 +213,20 @@ def _markdown(rows: list[dict[str, Any]], warnings: list[str], data: VerifyData,
         "",
         "## How this was measured",
         f"- Preset `{meta['preset']}`; victims trained at {data.clean.images.shape[-1]} px with SGD (Nesterov), "
-        "one-cycle learning rate, random crop + flip; bf16 autocast on CPU.",
+        f"one-cycle learning rate, random crop + flip; {_precision_text(results)}.",
         _cost_line(meta),
         "",
     ]
     return "\n".join(lines)
+
+
+def _precision_text(results: list[dict[str, Any]]) -> str:
+    """How the runs shown computed; runs finished on different machines may differ."""
+    names = {"bf16": "bf16 autocast", "fp32": "float32", None: "precision not recorded"}
+    counts = Counter(r.get("precision") for r in results)
+    if len(counts) == 1:
+        return names[next(iter(counts))]
+    return ", ".join(f"{names[k]} for {n} run{'s' * (n != 1)}" for k, n in sorted(counts.items(), key=lambda kn: str(kn[0])))
 
 
 def _cost_line(meta: dict[str, Any]) -> str:

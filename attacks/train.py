@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from attacks.countermeasures import BatchLoss, DataTransform, standard_loss
 from attacks.data import ImageSet
+from protect.precision import autocast
 
 
 @dataclass
@@ -24,7 +25,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment: bool = True  # random crop (pad 4, reflect) + horizontal flip
-    precision: str = "auto"  # auto = bf16 autocast on CPU and on bf16-capable GPUs
+    precision: str = "auto"  # protect.precision: auto = bf16 where the hardware runs it fast
 
 
 @dataclass
@@ -55,13 +56,6 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) 
     return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped)
 
 
-def _autocast(device: torch.device, precision: str) -> torch.autocast:
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()))
-    )
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageSet, *, device: torch.device, precision: str = "auto", batch_size: int = 1000) -> float:
     """Top-1 accuracy in [0, 1]."""
@@ -70,7 +64,7 @@ def evaluate(model: nn.Module, data: ImageSet, *, device: torch.device, precisio
     for start in range(0, len(data), batch_size):
         x = data.images[start : start + batch_size].to(device).float().div(255)
         x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             pred = model(x).argmax(1)
         correct += int((pred.cpu() == data.labels[start : start + batch_size]).sum())
     return correct / len(data)
@@ -121,7 +115,7 @@ def train_classifier(
             if config.augment:
                 x = random_crop_flip(x, gen)
             x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, config.precision):
+            with autocast(device, config.precision):
                 loss = batch_loss(model, x, y, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -27,6 +27,7 @@ from attacks.victims import VICTIM_LR, VICTIMS, build_victim
 from protect.budget import perturb_uint8
 from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
 from protect.images import write_text_atomic
+from protect.precision import autocast_dtype
 from protect.progress import NullReporter, Reporter
 
 DATA_KINDS = ("clean", "control", "protected")
@@ -363,6 +364,7 @@ def run_plan(
             result = run_cell(cell, data, device=device, reporter=reporter)
             result["wall_seconds"] = time.perf_counter() - started
             result["peak_memory_mib"] = peak_memory_mib(device)
+            result["precision"] = "bf16" if autocast_dtype(device, "auto") is not None else "fp32"
         for path in places:
             if not path.exists():
                 write_text_atomic(path, json.dumps(result))

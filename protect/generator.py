@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 
+from protect import precision
 from protect.budget import project_to_valid
 from protect.config import ConfigError, build_config, config_path_for, read_yaml
 from protect.distributed import SINGLE_PROCESS, Ranks
@@ -33,7 +34,7 @@ class MethodConfig:
     resolution: working resolution (pixels, square) at which noise is optimised; noise is
         mapped back to each image's own size.
     batch_size: images per optimisation batch.
-    precision: ``auto`` (bf16 autocast where the device supports it), ``bf16`` or ``fp32``.
+    precision: ``auto`` (bf16 autocast where the device runs it fast; see protect.precision), ``bf16`` or ``fp32``.
     """
 
     eps: float = 8 / 255
@@ -48,8 +49,7 @@ class MethodConfig:
             raise ValueError(f"resolution must be at least 8 pixels; got {self.resolution}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive; got {self.batch_size}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32; got {self.precision!r}")
+        precision.check_precision(self.precision)
 
 
 class FitScope(str, enum.Enum):
@@ -134,18 +134,10 @@ class Generator(ABC):
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        precision = self.config.precision
-        if precision == "fp32":
-            return None
-        if precision == "bf16":
-            return torch.bfloat16
-        if self.device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if self.device.type == "cpu" else None
+        return precision.autocast_dtype(self.device, self.config.precision)
 
     def autocast(self) -> torch.autocast:
-        dtype = self.autocast_dtype
-        return torch.autocast(device_type=self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        return precision.autocast(self.device, self.config.precision)
 
 
 class StoredNoiseGenerator(Generator):

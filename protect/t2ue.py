@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from protect.clip import ClipEncoders, load_clip
 from protect.images import load_image, scan_folder, write_text_atomic
+from protect.precision import autocast, check_precision
 from protect.progress import NullReporter, Reporter
 
 # CLIP's prompt templates for zero-shot classification (Radford et al., arXiv:2103.00020,
@@ -417,7 +418,7 @@ class T2UETrainConfig:
     for tests). epochs, batch_size, lr, weight_decay, min_lr: Adam with decoupled weight decay,
     cosine from lr to min_lr over all steps. templates: caption templates for labelled folders.
     bn_batches: batches used after training to recompute the batch-norm statistics used at
-    protection time. precision: auto (bf16 autocast on CPU / capable GPUs), bf16 or fp32.
+    protection time. precision: auto (bf16 autocast where the hardware runs it fast, see protect.precision), bf16 or fp32.
     """
 
     eps: float = 8 / 255
@@ -447,8 +448,7 @@ class T2UETrainConfig:
             raise ValueError("lr must be positive; min_lr, weight_decay and bn_batches >= 0")
         if not self.templates or not all(isinstance(t, str) and "{}" in t for t in self.templates):
             raise ValueError("templates must be a non-empty list of strings, each with {} for the class name")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32; got {self.precision!r}")
+        check_precision(self.precision)
 
 
 def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -456,11 +456,6 @@ def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     from open_clip.loss import ClipLoss
 
     return ClipLoss()(F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1), logit_scale)
-
-
-def _autocast(device: torch.device, precision: str) -> torch.autocast:
-    use = precision == "bf16" or (precision == "auto" and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())))
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
 
 
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
@@ -623,7 +618,7 @@ def _train_step(
     texts = text_features[_draw(pairs, idx, rng)].to(device)
     z = torch.randn((len(idx), config.z_dim), generator=rng).to(device)
     clean = pairs.images[idx].to(device).float().div(255)
-    with _autocast(device, config.precision):
+    with autocast(device, config.precision):
         delta = net.perturbation(texts, z, config.eps)
         image_features = clip.encode_image((clean + delta).clamp(0, 1))
     loss = infonce_loss(image_features, texts, logit_scale.to(device))

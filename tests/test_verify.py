@@ -183,6 +183,8 @@ def test_report_only_writes_the_card_from_finished_runs_without_training(tmp_pat
     # A run trained by a hungrier process than the reporting one: the card reports that process's peak.
     hungry = json.loads(cells[0].read_text())
     hungry["peak_memory_mib"]["rss"] = 10**7
+    # ... and on a machine with another precision: the card says which runs used which.
+    hungry["precision"] = "fp32" if hungry["precision"] == "bf16" else "bf16"
     cells[0].write_text(json.dumps(hungry))
     partial = runner.invoke(app, [*base, "--countermeasures", "none,jpeg", "--report-only"])
     assert partial.exit_code == 0, partial.output
@@ -194,3 +196,4 @@ def test_report_only_writes_the_card_from_finished_runs_without_training(tmp_pat
     card = (tmp_path / "report" / "report.md").read_text()
     assert "only 3 of 6 training runs are finished" in card and "the 3 training runs shown took" in card
     assert "MiB resident" in card
+    assert "bf16 autocast for 1 run, float32 for 2 runs" in card or "bf16 autocast for 2 runs, float32 for 1 run" in card
