@@ -364,7 +364,7 @@ def run_plan(
             result = run_cell(cell, data, device=device, reporter=reporter)
             result["wall_seconds"] = time.perf_counter() - started
             result["peak_memory_mib"] = peak_memory_mib(device)
-            result["precision"] = "bf16" if autocast_dtype(device, "auto") is not None else "fp32"
+            result["precision"] = "bf16" if autocast_dtype(device, TrainConfig.precision) is not None else "fp32"
         for path in places:
             if not path.exists():
                 write_text_atomic(path, json.dumps(result))

@@ -132,10 +132,6 @@ class Generator(ABC):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return precision.autocast_dtype(self.device, self.config.precision)
-
     def autocast(self) -> torch.autocast:
         return precision.autocast(self.device, self.config.precision)
 
