@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from attacks.countermeasures import BatchLoss, DataTransform, standard_loss
 from attacks.data import ImageSet
 from protect.precision import autocast
+from protect.training_state import load_training_state, save_training_state
 
 
 @dataclass
@@ -31,7 +34,9 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     test_accuracy: list[float] = field(default_factory=list)  # after each epoch, in [0, 1]
-    seconds: float = 0.0
+    seconds: float = 0.0  # training and evaluation, including epochs trained before a resume
+    resumed_from_epoch: int = 0  # epochs restored from a checkpoint
+    resumed_seconds: float = 0.0  # the time those epochs took
 
     @property
     def final(self) -> float:
@@ -81,12 +86,16 @@ def train_classifier(
     data_transform: DataTransform | None = None,
     batch_loss: BatchLoss | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    checkpoint: Path | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train`` and record clean test accuracy after every epoch.
 
     data_transform: applied once to the uint8 training images before training.
     batch_loss: computes the loss of an augmented batch (default: cross-entropy).
-    on_epoch: called with (epoch index, test accuracy) after each epoch.
+    on_epoch: called with (epoch index, test accuracy) after each epoch, restored ones included.
+    checkpoint: a path stem (protect.training_state); the state after each epoch is saved
+    there, and a run with the same data, config and seed resumes from it. The caller deletes
+    it once the result is stored.
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
@@ -106,8 +115,19 @@ def train_classifier(
         anneal_strategy="linear", cycle_momentum=False,
     )
     result = TrainResult()
-    started = time.perf_counter()
-    for epoch in range(config.epochs):
+    record = None
+    if checkpoint is not None:
+        identity = {"config": asdict(config), "seed": seed, "train": _fingerprint(train_images, train.labels),
+                    "test": _fingerprint(test.images, test.labels)}
+        record = load_training_state(checkpoint, model, optimizer, schedule, gen, identity)
+    if record is not None:
+        result.test_accuracy = record["test_accuracy"]
+        result.resumed_from_epoch, result.resumed_seconds = len(result.test_accuracy), record["seconds"]
+        if on_epoch is not None:
+            for epoch, accuracy in enumerate(result.test_accuracy):
+                on_epoch(epoch, accuracy)
+    started = time.perf_counter() - result.resumed_seconds
+    for epoch in range(result.resumed_from_epoch, config.epochs):
         model.train()
         for idx in torch.randperm(len(train), generator=gen).split(config.batch_size):
             x = train_images[idx].to(device).float().div(255)
@@ -123,7 +143,17 @@ def train_classifier(
             schedule.step()
         accuracy = evaluate(model, test, device=device, precision=config.precision)
         result.test_accuracy.append(accuracy)
+        if checkpoint is not None and epoch + 1 < config.epochs:
+            record = {"identity": identity, "step": (epoch + 1) * steps_per_epoch,
+                      "test_accuracy": result.test_accuracy, "seconds": time.perf_counter() - started}
+            save_training_state(checkpoint, model, optimizer, schedule, gen, record)
         if on_epoch is not None:
             on_epoch(epoch, accuracy)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    digest.update(labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -2,8 +2,8 @@
 
 A verification run is data: a list of :class:`Cell` specs (victim, countermeasure and its
 settings, training data, epochs, seed). Presets expand to such lists. Each finished cell is
-saved under ``REPORT_DIR/cells/`` so an interrupted run picks up where it stopped; with a
-baselines folder, clean and control cells are also shared between runs over the same clean data.
+saved under ``REPORT_DIR/cells/`` so an interrupted run picks up where it stopped, and a
+classifier cell keeps its state after each epoch there until it finishes; with a baselines folder, clean and control cells are also shared between runs over the same clean data.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from protect.generator import Batch, bounded_perturbation, create_generator, res
 from protect.images import write_text_atomic
 from protect.precision import autocast_dtype
 from protect.progress import NullReporter, Reporter
+from protect.training_state import remove_training_state
 
 DATA_KINDS = ("clean", "control", "protected")
 
@@ -246,8 +247,11 @@ def victim_train_config(victim: str, epochs: int, n_train: int) -> TrainConfig:
     return TrainConfig(epochs=epochs, batch_size=batch, lr=VICTIM_LR[victim] * (batch / 512) ** 0.5)
 
 
-def run_cell(cell: Cell, data: VerifyData, *, device: torch.device, reporter: Reporter) -> dict[str, Any]:
-    """Train one victim as ``cell`` says and return its measured numbers."""
+def run_cell(
+    cell: Cell, data: VerifyData, *, device: torch.device, reporter: Reporter, checkpoint: Path | None = None
+) -> dict[str, Any]:
+    """Train one victim as ``cell`` says and return its measured numbers. A classifier's state
+    after each epoch goes to ``checkpoint`` (a path stem), and an interrupted run resumes there."""
     settings = dict(cell.settings)
     train = data.training_set(cell.data)
     if cell.countermeasure == "mix":
@@ -267,8 +271,9 @@ def run_cell(cell: Cell, data: VerifyData, *, device: torch.device, reporter: Re
         result = train_classifier(
             model, train, data.test, config, device=device, seed=cell.seed,
             data_transform=countermeasure.data_transform, batch_loss=countermeasure.batch_loss, on_epoch=on_epoch,
+            checkpoint=checkpoint,
         )
-    return {
+    measured = {
         "cell": asdict(cell),
         "test_accuracy": result.test_accuracy,
         "final": result.final,
@@ -276,6 +281,9 @@ def run_cell(cell: Cell, data: VerifyData, *, device: torch.device, reporter: Re
         "seconds": result.seconds,
         "train_images": len(train),
     }
+    if result.resumed_from_epoch:
+        measured["resumed"] = {"epoch": result.resumed_from_epoch, "seconds": result.resumed_seconds}
+    return measured
 
 
 def _run_contrastive_cell(
@@ -361,12 +369,14 @@ def run_plan(
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
-            result = run_cell(cell, data, device=device, reporter=reporter)
-            result["wall_seconds"] = time.perf_counter() - started
+            checkpoint = cells_dir / f"{cell.key()}.partial"
+            result = run_cell(cell, data, device=device, reporter=reporter, checkpoint=checkpoint)
+            result["wall_seconds"] = time.perf_counter() - started + result.get("resumed", {}).get("seconds", 0.0)
             result["peak_memory_mib"] = peak_memory_mib(device)
             result["precision"] = "bf16" if autocast_dtype(device, TrainConfig.precision) is not None else "fp32"
         for path in places:
             if not path.exists():
                 write_text_atomic(path, json.dumps(result))
+        remove_training_state(cells_dir / f"{cell.key()}.partial")
         results.append(result)
     return results

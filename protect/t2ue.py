@@ -45,6 +45,7 @@ from protect.clip import ClipEncoders, load_clip
 from protect.images import load_image, scan_folder, write_text_atomic
 from protect.precision import autocast, check_precision
 from protect.progress import NullReporter, Reporter
+from protect.training_state import CheckpointError, load_training_state, save_training_state
 
 # CLIP's prompt templates for zero-shot classification (Radford et al., arXiv:2103.00020,
 # the ImageNet prompt ensemble), a few of them: captions for labelled folders. Class-wise noise
@@ -458,19 +459,7 @@ def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     return ClipLoss()(F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1), logit_scale)
 
 
-CHECKPOINT_TENSORS = "checkpoint.safetensors"
-CHECKPOINT_META = "checkpoint.json"
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
-    tensors = {f"optimizer.{i}.{k}": v.detach().cpu().contiguous() for i, entry in state["state"].items() for k, v in entry.items()}
-    return tensors, {"param_groups": state["param_groups"], "state_keys": {str(i): sorted(e) for i, e in state["state"].items()}}
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state = {int(i): {k: tensors[f"optimizer.{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+CHECKPOINT = "checkpoint"  # checkpoint.safetensors + checkpoint.json (protect.training_state)
 
 
 def _data_fingerprint(pairs: TextImagePairs) -> str:
@@ -478,21 +467,6 @@ def _data_fingerprint(pairs: TextImagePairs) -> str:
     digest.update(json.dumps(pairs.texts).encode())
     digest.update(pairs.options.numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _save_checkpoint(
-    directory: Path, net: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, rng: torch.Generator, meta: dict[str, Any]
-) -> None:
-    """Tensors first, then the JSON naming their step: a torn write leaves the older pair valid."""
-    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    optimizer_tensors, optimizer_meta = _optimizer_tensors(optimizer)
-    tensors.update(optimizer_tensors)
-    tensors["rng"] = rng.get_state()
-    tensors["step"] = torch.tensor([meta["step"]])
-    tmp = directory / (CHECKPOINT_TENSORS + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / CHECKPOINT_TENSORS)
-    write_text_atomic(directory / CHECKPOINT_META, json.dumps({**meta, "optimizer": optimizer_meta, "schedule": schedule.state_dict()}))
 
 
 @dataclass
@@ -543,8 +517,8 @@ def train_generator(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch, eta_min=config.min_lr)
     rng = torch.Generator().manual_seed(seed)
     identity = {"config": dataclasses.asdict(config), "seed": seed, "data": _data_fingerprint(pairs)}
-    meta: dict[str, Any] = {**identity, "epoch": 0, "step": 0, "epoch_losses": [], "seconds": 0.0}
-    start_epoch = _resume(out_dir, net, optimizer, schedule, rng, identity, meta, reporter)
+    meta: dict[str, Any] = {"identity": identity, "epoch": 0, "step": 0, "epoch_losses": [], "seconds": 0.0}
+    start_epoch = _resume(out_dir, net, optimizer, schedule, rng, meta, reporter)
     logit_scale = clip.model.logit_scale.exp().detach().clamp(max=100).float()
     started = time.perf_counter() - meta["seconds"]
     with reporter.phase("t2ue: training the generator", total=config.epochs) as phase:
@@ -560,7 +534,7 @@ def train_generator(
                 meta["step"] += 1
             meta["epoch_losses"].append(total / max(count, 1))
             meta["epoch"], meta["seconds"] = epoch + 1, time.perf_counter() - started
-            _save_checkpoint(out_dir, net, optimizer, schedule, rng, meta)
+            save_training_state(out_dir / CHECKPOINT, net, optimizer, schedule, rng, meta)
             if on_epoch is not None:
                 on_epoch(epoch, meta["epoch_losses"][-1])
             phase.describe(f"t2ue: training the generator, InfoNCE {meta['epoch_losses'][-1]:.4f}")
@@ -580,26 +554,16 @@ def train_generator(
 
 def _resume(
     out_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, rng: torch.Generator,
-    identity: dict[str, Any], meta: dict[str, Any], reporter: Reporter,
+    meta: dict[str, Any], reporter: Reporter,
 ) -> int:
-    """Load the checkpoint in ``out_dir`` if there is one for the same data, config and seed;
-    return the first epoch still to train."""
-    tensors_path, meta_path = out_dir / CHECKPOINT_TENSORS, out_dir / CHECKPOINT_META
-    if not (tensors_path.exists() and meta_path.exists()):
+    """Load the checkpoint in ``out_dir`` if there is one for the same data, config and seed
+    (``meta["identity"]``); return the first epoch still to train."""
+    try:
+        saved = load_training_state(out_dir / CHECKPOINT, net, optimizer, schedule, rng, meta["identity"])
+    except CheckpointError as error:
+        raise T2UEError(str(error)) from error
+    if saved is None:
         return 0
-    saved = json.loads(meta_path.read_text(encoding="utf-8"))
-    if any(saved.get(k) != v for k, v in identity.items()):
-        raise T2UEError(
-            f"{out_dir} holds a checkpoint of another training (other data, config or seed); "
-            "use a new output folder, or delete its checkpoint.* files to start again"
-        )
-    tensors = load_file(str(tensors_path))
-    if int(tensors["step"][0]) != saved["step"]:
-        raise T2UEError(f"{out_dir}: {CHECKPOINT_TENSORS} and {CHECKPOINT_META} disagree; delete both to start again")
-    net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
-    _restore_optimizer(optimizer, tensors, saved["optimizer"])
-    schedule.load_state_dict(saved["schedule"])
-    rng.set_state(tensors["rng"])
     meta.update({k: saved[k] for k in ("epoch", "step", "epoch_losses", "seconds")})
     reporter.message(f"t2ue: resuming from the checkpoint in {out_dir} (epoch {saved['epoch']})")
     return int(saved["epoch"])

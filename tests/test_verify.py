@@ -17,6 +17,7 @@ from attacks.verify import VerifyError, load_verify_data, make_plan
 from attacks.victims import VICTIM_LR, VICTIMS, build_victim
 from protect.cli import app
 from protect.pipeline import protect_folder
+from protect.training_state import CheckpointError
 
 
 
@@ -60,6 +61,38 @@ def test_each_victim_learns_easy_data(victim: str) -> None:
     lr = min(VICTIM_LR[victim], 0.02)
     result = train_classifier(build_victim(victim, 2), train, test, TrainConfig(epochs=4, batch_size=16, lr=lr), seed=0)
     assert result.final >= 0.8, f"{victim} reached only {result.final:.2f} on a trivially separable task"
+
+
+def test_interrupted_training_resumes_to_the_same_model(tmp_path: Path) -> None:
+    train, test = _easy_set(24, seed=0), _easy_set(8, seed=1)
+    config = TrainConfig(epochs=3, batch_size=16, lr=0.02)
+    # mixup and JPEG draw from the run's random generator, so its state must survive the resume too
+    mixup, jpeg = build_countermeasure("mixup").batch_loss, build_countermeasure("jpeg").data_transform
+
+    def run(model: torch.nn.Module, **kwargs) -> object:
+        return train_classifier(model, train, test, config, seed=5, batch_loss=mixup, data_transform=jpeg, **kwargs)
+
+    whole_model = build_victim("small-cnn", 2, seed=1)
+    whole = run(whole_model)
+
+    def stop_after_second(epoch: int, accuracy: float) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    stem = tmp_path / "cell.partial"
+    with pytest.raises(KeyboardInterrupt):
+        run(build_victim("small-cnn", 2, seed=1), checkpoint=stem, on_epoch=stop_after_second)
+    assert json.loads((tmp_path / "cell.partial.json").read_text())["test_accuracy"] == whole.test_accuracy[:2]
+    seen = []
+    resumed_model = build_victim("small-cnn", 2, seed=1)
+    resumed = run(resumed_model, checkpoint=stem, on_epoch=lambda epoch, accuracy: seen.append(epoch))
+    assert resumed.resumed_from_epoch == 2 and seen == [0, 1, 2]
+    assert resumed.test_accuracy == whole.test_accuracy
+    for (name, value), other in zip(whole_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(value, other), name
+    # a checkpoint of another training (here: another seed) is refused, not continued
+    with pytest.raises(CheckpointError, match="another training"):
+        train_classifier(build_victim("small-cnn", 2), train, test, config, seed=6, checkpoint=stem)
 
 
 def _write_folder(root: Path, set_: ImageSet) -> None:
@@ -128,6 +161,7 @@ def test_verify_end_to_end_on_real_data(cifar_small: dict, tmp_path: Path) -> No
     # A second run reuses the finished cells instead of retraining.
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "already done" in again.output
+    assert not list((tmp_path / "report" / "cells").glob("*.partial.*")), "finished runs leave no epoch checkpoints"
 
 
 def test_baselines_are_shared_between_protected_folders_of_the_same_clean_data(
