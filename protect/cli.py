@@ -75,6 +75,10 @@ class _RichPhase:
 
     def describe(self, text: str) -> None:
         self.progress.update(self.task, description=text)
+        if not self.progress.console.is_interactive:
+            # No live bars in a log file or pipe: each round's or epoch's news becomes a line.
+            elapsed = next(t for t in self.progress.tasks if t.id == self.task).elapsed or 0.0
+            self.progress.console.print(f"{text} ({elapsed:.0f} s)", markup=False, highlight=False)
 
 
 def fail(message: str) -> typer.Exit:

@@ -148,6 +148,7 @@ def test_verify_end_to_end_on_real_data(cifar_small: dict, tmp_path: Path) -> No
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert "small-cnn / none / protected / seed 0: test acc" in result.output, "no per-epoch lines without a terminal"
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     row = report["rows"][0]
     print({k: round(row[k]["final"]["mean"], 3) for k in ("clean", "control", "protected")})
