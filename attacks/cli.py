@@ -37,7 +37,8 @@ def verify(
     mix: float = typer.Option(0.5, "--mix", help="For the `mix` countermeasure: fraction of the training set that is clean."),
     resolution: int = typer.Option(32, "--resolution", help="Victims train at this square size (pixels)."),
     report_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: PROTECTED-verify beside it). "
-                                              "Finished cells there are reused."),
+                                              "Finished cells there are reused, and an interrupted training "
+                                              "run resumes after its last finished epoch."),
     baselines: Optional[Path] = typer.Option(
         None, "--baselines", help="Folder where clean and control training runs are kept and reused by any verify run "
         "over the same clean train and test sets (e.g. when verifying several methods' outputs of one folder).",

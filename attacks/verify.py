@@ -29,7 +29,7 @@ from protect.generator import Batch, bounded_perturbation, create_generator, res
 from protect.images import write_text_atomic
 from protect.precision import autocast_dtype
 from protect.progress import NullReporter, Reporter
-from protect.training_state import remove_training_state
+from protect.training_state import CheckpointError, remove_training_state
 
 DATA_KINDS = ("clean", "control", "protected")
 
@@ -286,6 +286,25 @@ def run_cell(
     return measured
 
 
+def _run_cell_resuming(
+    cell: Cell, data: VerifyData, checkpoint: Path, *, device: torch.device, reporter: Reporter
+) -> dict[str, Any]:
+    """:func:`run_cell`, continuing from the cell's epoch checkpoint when there is one. A
+    checkpoint left by other data under the same cell (the protected folder was regenerated)
+    is only a cache: it is dropped with a warning and the run starts over."""
+    try:
+        result = run_cell(cell, data, device=device, reporter=reporter, checkpoint=checkpoint)
+    except CheckpointError:
+        reporter.message(f"{checkpoint.name}: the saved epochs were trained on other data or settings; "
+                         f"training {cell.victim} / {cell.countermeasure} / {cell.data} from the start", "warning")
+        remove_training_state(checkpoint)
+        result = run_cell(cell, data, device=device, reporter=reporter, checkpoint=checkpoint)
+    if "resumed" in result:
+        reporter.message(f"resumed {cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed} "
+                         f"after epoch {result['resumed']['epoch']}")
+    return result
+
+
 def _run_contrastive_cell(
     cell: Cell, train: ImageSet, data: VerifyData, countermeasure: Any, *, device: torch.device, reporter: Reporter
 ) -> dict[str, Any]:
@@ -369,8 +388,7 @@ def run_plan(
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
-            checkpoint = cells_dir / f"{cell.key()}.partial"
-            result = run_cell(cell, data, device=device, reporter=reporter, checkpoint=checkpoint)
+            result = _run_cell_resuming(cell, data, cells_dir / f"{cell.key()}.partial", device=device, reporter=reporter)
             result["wall_seconds"] = time.perf_counter() - started + result.get("resumed", {}).get("seconds", 0.0)
             result["peak_memory_mib"] = peak_memory_mib(device)
             result["precision"] = "bf16" if autocast_dtype(device, TrainConfig.precision) is not None else "fp32"

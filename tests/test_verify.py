@@ -203,6 +203,49 @@ def test_baselines_are_shared_between_protected_folders_of_the_same_clean_data(
     assert len(trained) == 5
 
 
+def test_verify_resumes_an_interrupted_run_and_restarts_on_other_data(tmp_path: Path) -> None:
+    import attacks.verify as verify
+    from protect.progress import NullReporter
+
+    _write_folder(tmp_path / "train", _easy_set(6, 0))
+    _write_folder(tmp_path / "test", _easy_set(3, 1))
+    for name, seed in (("a", 0), ("b", 1)):
+        protect_folder("random", tmp_path / "train", tmp_path / name, seed=seed)
+    plan = make_plan("quick", countermeasures=["none"], epochs=3)
+
+    class StopInProtectedRun(NullReporter):
+        def phase(self, title: str, total: int | None):
+            phase = super().phase(title, total)
+            if "/ protected /" in title:
+                def stop(amount: int = 1) -> None:
+                    raise KeyboardInterrupt
+                phase.advance = stop
+            return phase
+
+    def run(name: str, reporter: NullReporter) -> list[dict]:
+        data = load_verify_data(tmp_path / name, tmp_path / "train", tmp_path / "test")
+        return verify.run_plan(plan, data, tmp_path / "report", reporter=reporter)
+
+    with pytest.raises(KeyboardInterrupt):
+        run("a", StopInProtectedRun())
+    partial = list((tmp_path / "report" / "cells").glob("*.partial.json"))
+    assert len(partial) == 1 and json.loads(partial[0].read_text())["test_accuracy"], "epoch 1 was not saved"
+    # The protected folder changed since: the saved epoch belongs to other data and is not continued.
+    other = NullReporter()
+    results = run("b", other)
+    assert any("from the start" in text for level, text in other.messages if level == "warning"), other.messages
+    assert all("resumed" not in r for r in results)
+    assert not list((tmp_path / "report" / "cells").glob("*.partial.*"))
+    # Same data: the interrupted run continues after its saved epoch.
+    (tmp_path / "report" / "cells" / f"{plan.cells()[-1].key()}.json").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        run("a", StopInProtectedRun())
+    same = NullReporter()
+    resumed = [r for r in run("a", same) if r["cell"]["data"] == "protected"]
+    assert resumed[0]["resumed"]["epoch"] == 1 and len(resumed[0]["test_accuracy"]) == 3
+    assert any("resumed" in text for _, text in same.messages)
+
+
 def test_report_only_writes_the_card_from_finished_runs_without_training(tmp_path: Path) -> None:
     _write_folder(tmp_path / "train", _easy_set(6, 0))
     _write_folder(tmp_path / "test", _easy_set(3, 1))
