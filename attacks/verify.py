@@ -3,7 +3,8 @@
 A verification run is data: a list of :class:`Cell` specs (victim, countermeasure and its
 settings, training data, epochs, seed). Presets expand to such lists. Each finished cell is
 saved under ``REPORT_DIR/cells/`` so an interrupted run picks up where it stopped, and a
-classifier cell keeps its state after each epoch there until it finishes; with a baselines folder, clean and control cells are also shared between runs over the same clean data.
+classifier cell keeps its state after each epoch there until it finishes; with a baselines
+folder, clean and control cells are also shared between runs over the same clean data.
 """
 
 from __future__ import annotations
