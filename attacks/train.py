@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from attacks.countermeasures import BatchLoss, DataTransform, standard_loss
 from attacks.data import ImageSet
 from protect.precision import autocast
-from protect.training_state import load_training_state, save_training_state
+from protect.training_state import load_training_state, save_training_state, tensor_fingerprint
 
 
 @dataclass
@@ -117,8 +116,8 @@ def train_classifier(
     result = TrainResult()
     record = None
     if checkpoint is not None:
-        identity = {"config": asdict(config), "seed": seed, "train": _fingerprint(train_images, train.labels),
-                    "test": _fingerprint(test.images, test.labels)}
+        identity = {"config": asdict(config), "seed": seed, "train": tensor_fingerprint(train_images, train.labels),
+                    "test": tensor_fingerprint(test.images, test.labels)}
         record = load_training_state(checkpoint, model, optimizer, schedule, gen, identity)
     if record is not None:
         result.test_accuracy = record["test_accuracy"]
@@ -151,9 +150,3 @@ def train_classifier(
             on_epoch(epoch, accuracy)
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
-    digest.update(labels.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]

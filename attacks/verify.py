@@ -30,7 +30,7 @@ from protect.generator import Batch, bounded_perturbation, create_generator, res
 from protect.images import write_text_atomic
 from protect.precision import autocast_dtype
 from protect.progress import NullReporter, Reporter
-from protect.training_state import CheckpointError, remove_training_state
+from protect.training_state import CheckpointError, remove_training_state, tensor_fingerprint
 
 DATA_KINDS = ("clean", "control", "protected")
 
@@ -351,11 +351,7 @@ def baseline_fingerprint(data: VerifyData) -> str:
     """Identifies what clean and control cells train and test on (the clean, control and test
     images with the labels victims see), so runs over different protected versions of the same
     clean data can share those cells."""
-    digest = hashlib.sha256()
-    for part in (data.clean, data.control, data.test):
-        digest.update(part.images.contiguous().numpy().tobytes())
-        digest.update(part.labels.contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return tensor_fingerprint(*(t for part in (data.clean, data.control, data.test) for t in (part.images, part.labels)))
 
 
 def run_plan(

@@ -7,6 +7,7 @@ same training, so a stale file is refused instead of silently continuing another
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,14 @@ from protect.images import atomic_open, write_text_atomic
 
 class CheckpointError(ValueError):
     """A checkpoint exists but cannot be resumed; the message names its files and what to do."""
+
+
+def tensor_fingerprint(*tensors: torch.Tensor) -> str:
+    """A short digest of the tensors' contents, in order: names the data a training saw."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def checkpoint_files(stem: Path) -> tuple[Path, Path]:
