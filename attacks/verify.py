@@ -371,6 +371,7 @@ def run_plan(
     results = []
     for cell in plan.cells():
         name = f"{cell.key()}.json"
+        checkpoint = cells_dir / f"{cell.key()}.partial"
         places = [cells_dir / name]
         if shared_dir is not None and cell.data != "protected":
             places.append(shared_dir / name)
@@ -385,13 +386,13 @@ def run_plan(
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
-            result = _run_cell_resuming(cell, data, cells_dir / f"{cell.key()}.partial", device=device, reporter=reporter)
+            result = _run_cell_resuming(cell, data, checkpoint, device=device, reporter=reporter)
             result["wall_seconds"] = time.perf_counter() - started + result.get("resumed", {}).get("seconds", 0.0)
             result["peak_memory_mib"] = peak_memory_mib(device)
             result["precision"] = "bf16" if autocast_dtype(device, TrainConfig.precision) is not None else "fp32"
         for path in places:
             if not path.exists():
                 write_text_atomic(path, json.dumps(result))
-        remove_training_state(cells_dir / f"{cell.key()}.partial")
+        remove_training_state(checkpoint)
         results.append(result)
     return results
