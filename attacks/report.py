@@ -222,11 +222,23 @@ def _markdown(
 
 def _precision_text(results: list[dict[str, Any]]) -> str:
     """How the runs shown computed; runs finished on different machines may differ."""
-    names = {"bf16": "bf16 autocast", "fp32": "float32", None: "precision not recorded"}
     counts = Counter(r.get("precision") for r in results)
     if len(counts) == 1:
-        return names[next(iter(counts))]
-    return ", ".join(f"{names[k]} for {n} run{'s' * (n != 1)}" for k, n in sorted(counts.items(), key=lambda kn: str(kn[0])))
+        return _precision_name(next(iter(counts)))
+    return ", ".join(f"{_precision_name(k)} for {n} run{'s' * (n != 1)}"
+                     for k, n in sorted(counts.items(), key=lambda kn: str(kn[0])))
+
+
+def _precision_name(precision: str | None) -> str:
+    """A run's recorded precision in words: "bf16", "fp32", or several joined by "+" for a run
+    resumed on a machine that computes in another precision."""
+    if precision is None:
+        return "precision not recorded"
+    names = {"bf16": "bf16 autocast", "fp32": "float32", "unrecorded": "unrecorded precision"}
+    parts = [names.get(part, part) for part in precision.split("+")]
+    if len(parts) == 1:
+        return parts[0]
+    return f"epochs in {' and '.join(parts)} (resumed on another machine)"
 
 
 def _cost_line(meta: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from attacks.countermeasures import BatchLoss, DataTransform, standard_loss
 from attacks.data import ImageSet
-from protect.precision import autocast
+from protect.precision import autocast, resolved_precision
 from protect.training_state import load_training_state, save_training_state, tensor_fingerprint
 
 
@@ -36,6 +36,7 @@ class TrainResult:
     seconds: float = 0.0  # training and evaluation, including epochs trained before a resume
     resumed_from_epoch: int = 0  # epochs restored from a checkpoint
     resumed_seconds: float = 0.0  # the time those epochs took
+    precision: list[str] = field(default_factory=list)  # per epoch, "bf16" or "fp32": a resumed run may mix them
 
     @property
     def final(self) -> float:
@@ -94,7 +95,9 @@ def train_classifier(
     on_epoch: called with (epoch index, test accuracy) after each epoch, restored ones included.
     checkpoint: a path stem (protect.training_state); the state after each epoch is saved
     there, and a run with the same data, config and seed resumes from it. The caller deletes
-    it once the result is stored.
+    it once the result is stored. Resumed on a machine where ``precision: auto`` resolves
+    differently, the remaining epochs use that machine's precision; ``precision`` in the result
+    says which each epoch used.
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
@@ -121,11 +124,13 @@ def train_classifier(
         record = load_training_state(checkpoint, model, optimizer, schedule, gen, identity)
     if record is not None:
         result.test_accuracy = record["test_accuracy"]
+        result.precision = record.get("precision", ["unrecorded"] * len(result.test_accuracy))
         result.resumed_from_epoch, result.resumed_seconds = len(result.test_accuracy), record["seconds"]
         if on_epoch is not None:
             for epoch, accuracy in enumerate(result.test_accuracy):
                 on_epoch(epoch, accuracy)
     started = time.perf_counter() - result.resumed_seconds
+    precision = resolved_precision(device, config.precision)
     for epoch in range(result.resumed_from_epoch, config.epochs):
         model.train()
         for idx in torch.randperm(len(train), generator=gen).split(config.batch_size):
@@ -142,9 +147,11 @@ def train_classifier(
             schedule.step()
         accuracy = evaluate(model, test, device=device, precision=config.precision)
         result.test_accuracy.append(accuracy)
+        result.precision.append(precision)
         if checkpoint is not None and epoch + 1 < config.epochs:
             record = {"identity": identity, "step": (epoch + 1) * steps_per_epoch,
-                      "test_accuracy": result.test_accuracy, "seconds": time.perf_counter() - started}
+                      "test_accuracy": result.test_accuracy, "precision": result.precision,
+                      "seconds": time.perf_counter() - started}
             save_training_state(checkpoint, model, optimizer, schedule, gen, record)
         if on_epoch is not None:
             on_epoch(epoch, accuracy)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from attacks.contrastive import CONTRASTIVE_VICTIMS, class_caption_list, contrastive_cell
+from attacks.contrastive import CONTRASTIVE_VICTIMS, ClipTrainConfig, class_caption_list, contrastive_cell
 from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
 from attacks.data import ImageSet, load_image_folder, load_pairs, mix_with_clean
 from attacks.relabel import RelabelError, describe, parse_spec, relabel_sets
@@ -28,7 +28,7 @@ from attacks.victims import VICTIM_LR, VICTIMS, build_victim
 from protect.budget import perturb_uint8
 from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
 from protect.images import write_text_atomic
-from protect.precision import autocast_dtype
+from protect.precision import resolved_precision
 from protect.progress import NullReporter, Reporter
 from protect.training_state import CheckpointError, remove_training_state, tensor_fingerprint
 
@@ -281,6 +281,8 @@ def run_cell(
         "peak": result.peak,
         "seconds": result.seconds,
         "train_images": len(train),
+        # a run resumed on a machine that resolves ``auto`` differently trained in both
+        "precision": "+".join(sorted(set(result.precision))),
     }
     if result.resumed_from_epoch:
         measured["resumed"] = {"epoch": result.resumed_from_epoch, "seconds": result.resumed_seconds}
@@ -325,7 +327,8 @@ def _run_contrastive_cell(
             class_caption_list(data.test.labels, data.test.classes), epochs=cell.epochs, seed=cell.seed,
             data_transform=countermeasure.data_transform, device=device, on_epoch=on_epoch,
         )
-    return {"cell": asdict(cell), **result, "train_images": len(train)}
+    return {"cell": asdict(cell), **result, "train_images": len(train),
+            "precision": resolved_precision(device, ClipTrainConfig.precision)}
 
 
 def peak_memory_mib(device: torch.device) -> dict[str, float]:
@@ -389,7 +392,6 @@ def run_plan(
             result = _run_cell_resuming(cell, data, checkpoint, device=device, reporter=reporter)
             result["wall_seconds"] = time.perf_counter() - started + result.get("resumed", {}).get("seconds", 0.0)
             result["peak_memory_mib"] = peak_memory_mib(device)
-            result["precision"] = "bf16" if autocast_dtype(device, TrainConfig.precision) is not None else "fp32"
         for path in places:
             if not path.exists():
                 write_text_atomic(path, json.dumps(result))

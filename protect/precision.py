@@ -43,6 +43,11 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return None
 
 
+def resolved_precision(device: torch.device, precision: str) -> str:
+    """What ``precision`` computes in on ``device``: "bf16" or "fp32" (``auto`` resolved)."""
+    return "fp32" if autocast_dtype(device, precision) is None else "bf16"
+
+
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """An autocast context for ``precision`` on ``device`` (disabled for float32)."""
     dtype = autocast_dtype(device, precision)

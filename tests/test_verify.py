@@ -12,9 +12,11 @@ from typer.testing import CliRunner
 
 from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
 from attacks.data import ImageSet
+from attacks.report import _precision_text
 from attacks.train import TrainConfig, train_classifier
 from attacks.verify import VerifyError, load_verify_data, make_plan
 from attacks.victims import VICTIM_LR, VICTIMS, build_victim
+from protect import precision
 from protect.cli import app
 from protect.pipeline import protect_folder
 from protect.training_state import CheckpointError
@@ -94,6 +96,23 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="another training"):
         train_classifier(build_victim("small-cnn", 2), train, test, config, seed=6, checkpoint=stem)
 
+
+
+def test_a_run_resumed_on_a_machine_with_another_precision_records_both(tmp_path: Path, monkeypatch) -> None:
+    train, test = _easy_set(8, seed=0), _easy_set(4, seed=1)
+    config, stem = TrainConfig(epochs=2, batch_size=4, lr=0.02), tmp_path / "cell.partial"
+
+    def stop_after_first(epoch: int, accuracy: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # ``auto`` trains in bf16 here...
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(build_victim("small-cnn", 2), train, test, config, checkpoint=stem, on_epoch=stop_after_first)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)  # ... and in float32 on the next machine
+    resumed = train_classifier(build_victim("small-cnn", 2), train, test, config, checkpoint=stem)
+    assert resumed.resumed_from_epoch == 1 and resumed.precision == ["bf16", "fp32"]
+    card_text = _precision_text([{"precision": "bf16+fp32"}, {"precision": "fp32"}])
+    assert card_text == "epochs in bf16 autocast and float32 (resumed on another machine) for 1 run, float32 for 1 run"
 
 def _write_folder(root: Path, set_: ImageSet) -> None:
     for i, (img, label) in enumerate(zip(set_.images, set_.labels)):
