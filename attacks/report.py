@@ -213,7 +213,7 @@ def _markdown(
         "",
         "## How this was measured",
         f"- Preset `{meta['preset']}`; victims trained at {data.clean.images.shape[-1]} px with SGD (Nesterov), "
-        f"one-cycle learning rate, random crop + flip; {_precision_text(results)}.",
+        f"one-cycle learning rate, random crop + flip; {_precision_text(results)}; trained on {_device_text(results)}.",
         _cost_line(meta),
         "",
     ]
@@ -227,6 +227,13 @@ def _precision_text(results: list[dict[str, Any]]) -> str:
         return _precision_name(next(iter(counts)))
     return ", ".join(f"{_precision_name(k)} for {n} run{'s' * (n != 1)}"
                      for k, n in sorted(counts.items(), key=lambda kn: str(kn[0])))
+
+
+def _device_text(results: list[dict[str, Any]]) -> str:
+    counts = Counter(r.get("device", "a device not recorded") for r in results)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{device} ({n} run{'s' * (n != 1)})" for device, n in sorted(counts.items()))
 
 
 def _precision_name(precision: str | None) -> str:

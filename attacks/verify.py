@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -331,6 +332,22 @@ def _run_contrastive_cell(
             "precision": resolved_precision(device, ClipTrainConfig.precision)}
 
 
+def device_description(device: torch.device) -> str:
+    """The hardware a run trained on, for the card: runs of one report may come from several machines."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} GPU"
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
+    threads = torch.get_num_threads()
+    return f"{model or platform.machine()} CPU, {threads} thread{'s' * (threads != 1)}"
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return []
+
+
 def peak_memory_mib(device: torch.device) -> dict[str, float]:
     """Peak resident memory of this process so far and, on a GPU, the peak allocated there
     since the statistics were last reset."""
@@ -392,6 +409,7 @@ def run_plan(
             result = _run_cell_resuming(cell, data, checkpoint, device=device, reporter=reporter)
             result["wall_seconds"] = time.perf_counter() - started + result.get("resumed", {}).get("seconds", 0.0)
             result["peak_memory_mib"] = peak_memory_mib(device)
+            result["device"] = device_description(device)
         for path in places:
             if not path.exists():
                 write_text_atomic(path, json.dumps(result))

@@ -8,6 +8,7 @@ methods (benchmarks/results/p0/verify-baselines).
     python benchmarks/p0_verify.py --preset quick                 # ~15 min per method on 2 cores
     python benchmarks/p0_verify.py --preset standard              # P0 as written: hours on CPU
     python benchmarks/p0_verify.py --preset standard -- --report-only   # the matrix so far
+    python benchmarks/p0_verify.py --preset standard --device cuda      # minutes on a GPU
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "p0")
     parser.add_argument("--methods", default="em-classwise,em-samplewise")
     parser.add_argument("--preset", default="quick")
+    parser.add_argument("--device", default="cpu", help="for generation and victims: cpu, cuda, cuda:N or auto")
     parser.add_argument("extra", nargs="*", help="further options passed to protect verify (after --)")
     args = parser.parse_args()
 
@@ -42,11 +44,11 @@ def main() -> None:
     for method in [m for m in args.methods.split(",") if m]:
         protected = args.work / method
         if not (protected / "protection.json").exists():
-            subprocess.run([*cli, "run", method, str(subset), str(protected), "--overwrite"], check=True)
+            subprocess.run([*cli, "run", method, str(subset), str(protected), "--overwrite", "--device", args.device], check=True)
         report = args.work / f"verify-{args.preset}-{method}"
         started = time.perf_counter()
         subprocess.run([*cli, "verify", str(protected), "--clean-train", str(subset), "--test", str(test),
-                        "--preset", args.preset, "--out", str(report),
+                        "--preset", args.preset, "--out", str(report), "--device", args.device,
                         "--baselines", str(args.work / "verify-baselines"), *args.extra], check=True)
         seconds = time.perf_counter() - started
         document = json.loads((report / "report.json").read_text())

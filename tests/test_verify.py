@@ -14,7 +14,7 @@ from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
 from attacks.data import ImageSet
 from attacks.report import _precision_text
 from attacks.train import TrainConfig, train_classifier
-from attacks.verify import VerifyError, load_verify_data, make_plan
+from attacks.verify import VerifyError, device_description, load_verify_data, make_plan
 from attacks.victims import VICTIM_LR, VICTIMS, build_victim
 from protect import precision
 from protect.cli import app
@@ -282,6 +282,7 @@ def test_report_only_writes_the_card_from_finished_runs_without_training(tmp_pat
     hungry["peak_memory_mib"]["rss"] = 10**7
     # ... and on a machine with another precision: the card says which runs used which.
     hungry["precision"] = "fp32" if hungry["precision"] == "bf16" else "bf16"
+    hungry["device"] = "NVIDIA H200 GPU"
     cells[0].write_text(json.dumps(hungry))
     partial = runner.invoke(app, [*base, "--countermeasures", "none,jpeg", "--report-only"])
     assert partial.exit_code == 0, partial.output
@@ -294,3 +295,4 @@ def test_report_only_writes_the_card_from_finished_runs_without_training(tmp_pat
     assert "only 3 of 6 training runs are finished" in card and "the 3 training runs shown took" in card
     assert "MiB resident" in card
     assert "bf16 autocast for 1 run, float32 for 2 runs" in card or "bf16 autocast for 2 runs, float32 for 1 run" in card
+    assert f"trained on {device_description(torch.device('cpu'))} (2 runs), NVIDIA H200 GPU (1 run)." in card
