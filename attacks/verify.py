@@ -336,6 +336,8 @@ def device_description(device: torch.device) -> str:
     """The hardware a run trained on, for the card: runs of one report may come from several machines."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} GPU"
+    if device.type != "cpu":
+        return str(device)
     model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
     threads = torch.get_num_threads()
     return f"{model or platform.machine()} CPU, {threads} thread{'s' * (threads != 1)}"

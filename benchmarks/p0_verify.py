@@ -8,7 +8,7 @@ methods (benchmarks/results/p0/verify-baselines).
     python benchmarks/p0_verify.py --preset quick                 # ~15 min per method on 2 cores
     python benchmarks/p0_verify.py --preset standard              # P0 as written: hours on CPU
     python benchmarks/p0_verify.py --preset standard -- --report-only   # the matrix so far
-    python benchmarks/p0_verify.py --preset standard --device cuda      # minutes on a GPU
+    python benchmarks/p0_verify.py --preset standard --device cuda      # generation and victims on a GPU
 """
 
 from __future__ import annotations
