@@ -12,7 +12,7 @@ import json
 import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib
 
@@ -222,18 +222,21 @@ def _markdown(
 
 def _precision_text(results: list[dict[str, Any]]) -> str:
     """How the runs shown computed; runs finished on different machines may differ."""
-    counts = Counter(r.get("precision") for r in results)
-    if len(counts) == 1:
-        return _precision_name(next(iter(counts)))
-    return ", ".join(f"{_precision_name(k)} for {n} run{'s' * (n != 1)}"
-                     for k, n in sorted(counts.items(), key=lambda kn: str(kn[0])))
+    return _count_runs([r.get("precision") for r in results], _precision_name, "{what} for {runs}")
 
 
 def _device_text(results: list[dict[str, Any]]) -> str:
-    counts = Counter(r.get("device", "a device not recorded") for r in results)
+    return _count_runs([r.get("device", "a device not recorded") for r in results], str, "{what} ({runs})")
+
+
+def _count_runs(values: list[Any], describe: Callable[[Any], str], template: str) -> str:
+    """``describe(value)`` when all runs share one value; otherwise each value with its number
+    of runs, filled into ``template``."""
+    counts = Counter(values)
     if len(counts) == 1:
-        return next(iter(counts))
-    return ", ".join(f"{device} ({n} run{'s' * (n != 1)})" for device, n in sorted(counts.items()))
+        return describe(next(iter(counts)))
+    return ", ".join(template.format(what=describe(value), runs=f"{n} run{'s' * (n != 1)}")
+                     for value, n in sorted(counts.items(), key=lambda vn: str(vn[0])))
 
 
 def _precision_name(precision: str | None) -> str:
