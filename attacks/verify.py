@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from attacks.train import TrainConfig, train_classifier
 from attacks.victims import VICTIM_LR, VICTIMS, build_victim
 from protect.budget import perturb_uint8
 from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
+from protect.hardware import device_description
 from protect.images import write_text_atomic
 from protect.precision import resolved_precision
 from protect.progress import NullReporter, Reporter
@@ -330,24 +330,6 @@ def _run_contrastive_cell(
         )
     return {"cell": asdict(cell), **result, "train_images": len(train),
             "precision": resolved_precision(device, ClipTrainConfig.precision)}
-
-
-def device_description(device: torch.device) -> str:
-    """The hardware a run trained on, for the card: runs of one report may come from several machines."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} GPU"
-    if device.type != "cpu":
-        return str(device)
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")), "")
-    threads = torch.get_num_threads()
-    return f"{model or platform.machine()} CPU, {threads} thread{'s' * (threads != 1)}"
-
-
-def _cpuinfo_lines() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # not Linux
-        return []
 
 
 def peak_memory_mib(device: torch.device) -> dict[str, float]:

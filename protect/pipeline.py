@@ -26,6 +26,7 @@ from protect.budget import apply_perturbation_uint8
 from protect.cluster import pseudo_labels
 from protect.config import ConfigError, config_to_dict
 from protect.generator import Batch, FitScope, Generator, bounded_perturbation, create_generator, resolve_config
+from protect.hardware import device_description
 from protect.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -42,6 +43,7 @@ from protect.images import (
     write_text_atomic,
 )
 from protect.metrics import psnr, ssim
+from protect.precision import resolved_precision
 from protect.progress import NullReporter, Reporter
 from protect.protector import PROTECTOR_TENSORS, resolve_with_protector, save_protector
 
@@ -537,6 +539,8 @@ def _write_protection(
         "eps_levels": round(generator.config.eps * 255),
         "seed": generator.seed,
         "device": str(generator.device),
+        "hardware": device_description(generator.device),
+        "precision": resolved_precision(generator.device, generator.config.precision),
         "labels": summary.labels,
         "fit": fit_info,
         "versions": _package_versions(),

@@ -29,9 +29,11 @@ from protect.generator import (
     register,
     resolve_config,
 )
+from protect.hardware import device_description
 from protect.images import load_image
 from protect.methods.random_noise import RandomNoise
 from protect.pipeline import MANIFEST_NAME, PROTECTION_NAME, STATE_DIR_NAME, UsageError, protect_folder
+from protect.precision import resolved_precision
 
 METHODS = sorted(available_methods())
 # Settings that keep every method fast on tiny inputs; each method takes the keys it has.
@@ -154,6 +156,8 @@ def test_every_method_protects_a_labelled_folder(make_images, tmp_path: Path, me
     assert document["config"] == config_to_dict(config)
     assert document["seed"] == 3
     assert document["eps_levels"] == budget_in_levels(config.eps)
+    assert document["hardware"] == device_description(torch.device("cpu"))
+    assert document["precision"] == resolved_precision(torch.device("cpu"), config.precision)
     for package in ("python", "protect", "torch", "numpy", "pillow"):
         assert document["versions"][package]
     assert document["summary"]["written"] == len(inputs)

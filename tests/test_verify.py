@@ -14,7 +14,8 @@ from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
 from attacks.data import ImageSet
 from attacks.report import _precision_text
 from attacks.train import TrainConfig, train_classifier
-from attacks.verify import VerifyError, device_description, load_verify_data, make_plan
+from attacks.verify import VerifyError, load_verify_data, make_plan
+from protect.hardware import device_description
 from attacks.victims import VICTIM_LR, VICTIMS, build_victim
 from protect import precision
 from protect.cli import app
