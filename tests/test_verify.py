@@ -15,10 +15,10 @@ from attacks.data import ImageSet
 from attacks.report import _precision_text
 from attacks.train import TrainConfig, train_classifier
 from attacks.verify import VerifyError, load_verify_data, make_plan
-from protect.hardware import device_description
 from attacks.victims import VICTIM_LR, VICTIMS, build_victim
 from protect import precision
 from protect.cli import app
+from protect.hardware import device_description
 from protect.pipeline import protect_folder
 from protect.training_state import CheckpointError
 
