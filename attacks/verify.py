@@ -355,7 +355,38 @@ def baseline_fingerprint(data: VerifyData) -> str:
     """Identifies what clean and control cells train and test on (the clean, control and test
     images with the labels victims see), so runs over different protected versions of the same
     clean data can share those cells."""
-    return tensor_fingerprint(*(t for part in (data.clean, data.control, data.test) for t in (part.images, part.labels)))
+    return _sets_fingerprint(data.clean, data.control, data.test)
+
+
+def training_fingerprint(data: VerifyData, kind: str) -> str:
+    """Identifies everything a run on ``kind`` ("clean", "control" or "protected") trains and
+    tests on: that set, the clean set a mix draws from, and the test set."""
+    return _sets_fingerprint(data.training_set(kind), data.clean, data.test)
+
+
+def _sets_fingerprint(*sets: ImageSet) -> str:
+    return tensor_fingerprint(*(t for part in sets for t in (part.images, part.labels)))
+
+
+def _finished_run(
+    places: list[Path], fingerprint: str, reporter: Reporter, title: str
+) -> tuple[dict[str, Any] | None, list[Path]]:
+    """The first result among ``places`` trained on the data ``fingerprint`` names, and the
+    places holding a result from other data (the protected folder was made again, or other
+    clean data went into the same report folder), which is not used. Results written before
+    runs recorded their data carry no fingerprint and are taken as they are."""
+    found, stale = None, []
+    for path in (place for place in places if place.exists()):
+        result = json.loads(path.read_text())
+        if result.get("data_fingerprint", fingerprint) != fingerprint:
+            stale.append(path)
+            reporter.message(f"{path}: {title} was trained on other data than the folders given now, "
+                             "so it is not used", "warning")
+        elif found is None:
+            found = result
+            origin = "" if path == places[0] else " (shared baseline)"
+            reporter.message(f"already done{origin}: {title}")
+    return found, stale
 
 
 def run_plan(
@@ -372,6 +403,7 @@ def run_plan(
     shared_dir = Path(baselines) / baseline_fingerprint(data) if baselines is not None else None
     if shared_dir is not None:
         shared_dir.mkdir(parents=True, exist_ok=True)
+    fingerprints = {kind: training_fingerprint(data, kind) for kind in ("clean", "control", "protected")}
     results = []
     for cell in plan.cells():
         name = f"{cell.key()}.json"
@@ -379,14 +411,11 @@ def run_plan(
         places = [cells_dir / name]
         if shared_dir is not None and cell.data != "protected":
             places.append(shared_dir / name)
-        finished = next((path for path in places if path.exists()), None)
-        if finished is not None:
-            result = json.loads(finished.read_text())
-            origin = "" if finished.parent == cells_dir else " (shared baseline)"
-            reporter.message(f"already done{origin}: {cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}")
-        elif not train:
+        title = f"{cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}"
+        result, stale = _finished_run(places, fingerprints[cell.data], reporter, title)
+        if result is None and not train:
             continue
-        else:
+        if result is None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
@@ -394,8 +423,9 @@ def run_plan(
             result["wall_seconds"] = time.perf_counter() - started + result.get("resumed", {}).get("seconds", 0.0)
             result["peak_memory_mib"] = peak_memory_mib(device)
             result["device"] = device_description(device)
+            result["data_fingerprint"] = fingerprints[cell.data]
         for path in places:
-            if not path.exists():
+            if path in stale or not path.exists():
                 write_text_atomic(path, json.dumps(result))
         remove_training_state(checkpoint)
         results.append(result)

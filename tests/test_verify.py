@@ -256,14 +256,21 @@ def test_verify_resumes_an_interrupted_run_and_restarts_on_other_data(tmp_path: 
     assert any("from the start" in text for level, text in other.messages if level == "warning"), other.messages
     assert all("resumed" not in r for r in results)
     assert not list((tmp_path / "report" / "cells").glob("*.partial.*"))
-    # Same data: the interrupted run continues after its saved epoch.
-    (tmp_path / "report" / "cells" / f"{plan.cells()[-1].key()}.json").unlink()
+    # Back to the first folder: the finished run on "b" is not taken for it, and the interrupted
+    # run continues after its saved epoch.
+    finished = tmp_path / "report" / "cells" / f"{plan.cells()[-1].key()}.json"
+    trained_on_b = json.loads(finished.read_text())["data_fingerprint"]
     with pytest.raises(KeyboardInterrupt):
         run("a", StopInProtectedRun())
     same = NullReporter()
     resumed = [r for r in run("a", same) if r["cell"]["data"] == "protected"]
     assert resumed[0]["resumed"]["epoch"] == 1 and len(resumed[0]["test_accuracy"]) == 3
     assert any("resumed" in text for _, text in same.messages)
+    assert any("trained on other data" in text for level, text in same.messages if level == "warning"), same.messages
+    assert json.loads(finished.read_text())["data_fingerprint"] not in ("", trained_on_b)
+    again = NullReporter()
+    run("a", again)
+    assert not [text for level, text in again.messages if level == "warning"], "the rewritten run is taken as it is"
 
 
 def test_report_only_writes_the_card_from_finished_runs_without_training(tmp_path: Path) -> None:
