@@ -1,0 +1,95 @@
+"""Stored result tables: what a benchmark measured, kept as JSON so the docs are generated from it.
+
+Every benchmark that reports numbers calls :func:`write_table` with the rows it computed from
+its own runs; ``python benchmarks/make_docs.py`` renders every stored table into
+``docs/results.md``. A table names its command, protocol and hardware once, so the numbers in the
+docs cannot drift from what was measured.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protect.hardware import device_description
+from protect.precision import resolved_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES_DIR = ROOT / "benchmarks" / "results" / "tables"
+
+
+def machine(device: torch.device | str = "cpu", precision: str = "auto") -> str:
+    """The hardware and precision a measurement ran with, e.g. "AMD EPYC CPU, 2 threads, bf16"."""
+    device = torch.device(device)
+    return f"{device_description(device)}, {resolved_precision(device, precision)}"
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_table(
+    name: str,
+    *,
+    title: str,
+    command: str,
+    protocol: str,
+    columns: list[str],
+    rows: list[list[Any]],
+    hardware: str | None = None,
+    notes: str = "",
+    section: str = "",
+) -> Path:
+    """Store one measured table as ``benchmarks/results/tables/NAME.json`` (replacing an older one).
+
+    rows: one list per row, in column order; numbers are kept as given (round them where they are
+    computed). section: the docs heading the table belongs under (default: the protocol)."""
+    for row in rows:
+        if len(row) != len(columns):
+            raise ValueError(f"table {name}: row {row!r} has {len(row)} cells for {len(columns)} columns")
+    document = {
+        "name": name,
+        "title": title,
+        "section": section or protocol,
+        "command": command,
+        "protocol": protocol,
+        "hardware": hardware or machine(),
+        "measured": datetime.date.today().isoformat(),
+        "commit": _commit(),
+        "columns": columns,
+        "rows": rows,
+        "notes": notes,
+    }
+    TABLES_DIR.mkdir(parents=True, exist_ok=True)
+    path = TABLES_DIR / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_tables(directory: Path = TABLES_DIR) -> list[dict[str, Any]]:
+    """Every stored table, sorted by section, then name."""
+    tables = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(directory.glob("*.json"))]
+    return sorted(tables, key=lambda t: (t["section"], t["name"]))
+
+
+def markdown(table: dict[str, Any]) -> str:
+    """One stored table as Markdown: title, the table, then where it came from."""
+    lines = [f"### {table['title']}", "", "| " + " | ".join(table["columns"]) + " |",
+             "|" + "---|" * len(table["columns"])]
+    lines += ["| " + " | ".join("–" if cell is None else str(cell) for cell in row) + " |" for row in table["rows"]]
+    lines += ["", f"Command: `{table['command']}`. Protocol {table['protocol']}; {table['hardware']}; "
+              f"measured {table['measured']}" + (f" at commit {table['commit']}" if table.get("commit") else "") + "."]
+    if table.get("notes"):
+        lines += ["", table["notes"]]
+    return "\n".join(lines) + "\n"
