@@ -15,7 +15,7 @@ from rich.table import Table
 
 from attacks.report import summarise, write_report
 from attacks.verify import VerifyError, largest_peak_memory, load_verify_data, make_plan, peak_memory_mib, run_plan
-from protect.cli import RichReporter, err, fail, out, progress_display, resolve_device
+from protect.console import RichReporter, err, fail, out, progress_display, resolve_device
 
 
 def _split(value: Optional[str]) -> list[str] | None:
@@ -49,7 +49,7 @@ def verify(
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     relabel: Optional[str] = typer.Option(None, "--relabel", help="Labels the victims train and test with: true (default), "
-                                          "coarse:FILE (class groups, e.g. configs/relabel/cifar10-coarse.yaml) or "
+                                          "coarse:FILE or coarse:NAME (class groups, e.g. coarse:cifar10-coarse) or "
                                           "kmeans[:K] (clusters of the clean images)."),
 ) -> None:
     """Train victims on clean, random-noise and protected data; write a protection card."""

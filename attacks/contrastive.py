@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from attacks.train import random_crop_flip
-from protect.clip import ClipEncoders, load_clip
+from protect.models.clip import ClipEncoders, load_clip
 from protect.precision import autocast
 
 RECALL_AT = (1, 5, 10)
@@ -159,7 +159,7 @@ def train_clip(
 
 
 def save_clip(clip: ClipEncoders, path: Path | str) -> Path:
-    """The model's state dict as safetensors (loadable with ``protect.clip.load_clip(weights=path)``)."""
+    """The model's state dict as safetensors (loadable with ``protect.models.clip.load_clip(weights=path)``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

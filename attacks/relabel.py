@@ -5,8 +5,9 @@ the labels of every training set and of the test set consistently, so clean, con
 protected victims are still compared on one task:
 
 - ``true``: the clean folders' class names (the default);
-- ``coarse:FILE``: groups of classes from a YAML file ``groups: {name: [class, ...]}``
-  (``configs/relabel/cifar10-coarse.yaml``: animals vs vehicles);
+- ``coarse:FILE``: groups of classes from a YAML file ``groups: {name: [class, ...]}``, or
+  ``coarse:NAME`` for one shipped in ``configs/relabel/NAME.yaml`` (``cifar10-coarse``:
+  animals vs vehicles);
 - ``kmeans[:K]``: K clusters (default 10) of the clean training images' features (this
   project's small CNN, randomly initialised, standardised per dimension); each test image takes
   the label of its nearest centre. No class names are used.
@@ -16,14 +17,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from attacks.data import ImageSet
 from protect.cluster import kmeans, surrogate_features
+from protect.config import packaged_config
 
-RELABEL_CHOICES = "true, coarse:FILE or kmeans[:K]"
+RELABEL_CHOICES = "true, coarse:FILE (or coarse:NAME of configs/relabel/NAME.yaml) or kmeans[:K]"
 
 
 class RelabelError(ValueError):
@@ -47,8 +50,7 @@ def parse_spec(spec: str | None) -> str:
     if kind == "true" and not arg:
         return "true"
     if kind == "coarse" and arg:
-        if not Path(arg).is_file():
-            raise RelabelError(f"--relabel coarse: mapping file not found: {arg}")
+        _mapping_file(arg)
         return spec
     if kind == "kmeans":
         try:
@@ -61,10 +63,22 @@ def parse_spec(spec: str | None) -> str:
     raise RelabelError(f"unknown --relabel {spec!r}; choose {RELABEL_CHOICES}")
 
 
-def coarse_groups(path: Path, classes: list[str]) -> tuple[list[str], dict[str, int]]:
-    """Group names and, for every class, its group index; every class in exactly one group."""
+def _mapping_file(arg: str) -> Any:
+    """The class-groups file of ``coarse:ARG``: a file, else ``configs/relabel/ARG.yaml``."""
+    if Path(arg).is_file():
+        return Path(arg)
+    shipped = packaged_config(f"relabel/{arg}.yaml")
+    if shipped.is_file():
+        return shipped
+    raise RelabelError(f"--relabel coarse: mapping file not found: {arg} (and no configs/relabel/{arg}.yaml is shipped)")
+
+
+def coarse_groups(path: Path | str, classes: list[str]) -> tuple[list[str], dict[str, int]]:
+    """Group names and, for every class, its group index; every class in exactly one group.
+    ``path``: a YAML file, or the name of one shipped in ``configs/relabel/``."""
+    path = _mapping_file(str(path))
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise RelabelError(f"{path}: not valid YAML ({exc})") from None
     groups = data.get("groups") if isinstance(data, dict) else None
@@ -97,7 +111,7 @@ def relabel_sets(
         return train_sets, test
     clean = train_sets[0]
     if kind == "coarse":
-        names, group_of = coarse_groups(Path(arg), clean.classes)
+        names, group_of = coarse_groups(arg, clean.classes)
         lookup = torch.tensor([group_of[c] for c in clean.classes])
         coarse_sets = [_with_labels(s, lookup[s.labels], names) for s in train_sets]
         return coarse_sets, _with_labels(test, lookup[test.labels], names)

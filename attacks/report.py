@@ -14,17 +14,23 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")  # files only; never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from attacks.verify import DATA_KINDS, VerifyData  # noqa: E402
+from attacks.verify import DATA_KINDS, VerifyData
 
 WEAK_BASELINE_MARGIN = 0.20  # clean accuracy must beat chance by this much to mean anything
 CHANCE_MARGIN = 0.10
+
+
+def _pyplot() -> Any:
+    """matplotlib, imported only when a report draws its plots (it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -267,6 +273,7 @@ COLOURS = {"clean": "#2b8a3e", "control": "#868e96", "protected": "#c92a2a"}
 
 
 def _plot_curves(path: Path, rows: list[dict[str, Any]]) -> Path:
+    plt = _pyplot()
     n = len(rows)
     cols = min(n, 4)
     rows_n = -(-n // cols)
@@ -291,6 +298,7 @@ def _plot_curves(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def _plot_matrix(path: Path, rows: list[dict[str, Any]]) -> Path:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 3.2))
     x = np.arange(len(rows))
     width = 0.27
@@ -310,6 +318,7 @@ def _plot_matrix(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def _plot_strip(path: Path, data: VerifyData, count: int = 8) -> Path:
+    plt = _pyplot()
     count = min(count, len(data.clean))
     index = torch.linspace(0, len(data.clean) - 1, count).long()
     clean = data.clean.images[index].float()

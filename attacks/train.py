@@ -17,6 +17,11 @@ from protect.precision import autocast, resolved_precision
 from protect.training_state import load_training_state, save_training_state, tensor_fingerprint
 
 
+# Learning rates of the victims of protect.models for the one-cycle SGD loop below (transformers
+# need a smaller step).
+VICTIM_LR = {"small-cnn": 0.2, "resnet18": 0.1, "vgg11": 0.05, "vit-small": 0.02}
+
+
 @dataclass
 class TrainConfig:
     """SGD with Nesterov momentum and a one-cycle schedule (protocol P0 victim settings)."""

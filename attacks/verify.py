@@ -23,12 +23,12 @@ from attacks.contrastive import CONTRASTIVE_VICTIMS, ClipTrainConfig, class_capt
 from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
 from attacks.data import ImageSet, load_image_folder, load_pairs, mix_with_clean
 from attacks.relabel import RelabelError, describe, parse_spec, relabel_sets
-from attacks.train import TrainConfig, train_classifier
-from attacks.victims import VICTIM_LR, VICTIMS, build_victim
+from attacks.train import VICTIM_LR, TrainConfig, train_classifier
 from protect.budget import perturb_uint8
 from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
 from protect.hardware import device_description
 from protect.images import write_text_atomic
+from protect.models import CLASSIFIERS, build_classifier
 from protect.precision import resolved_precision
 from protect.progress import NullReporter, Reporter
 from protect.training_state import CheckpointError, remove_training_state, tensor_fingerprint
@@ -131,8 +131,8 @@ def make_plan(
     base = PRESETS[preset]
     chosen_victims = victims or base.victims
     for victim in chosen_victims:
-        if victim not in VICTIMS and victim not in CONTRASTIVE_VICTIMS:
-            raise VerifyError(f"unknown victim {victim!r}; available: {', '.join([*VICTIMS, *CONTRASTIVE_VICTIMS])}")
+        if victim not in CLASSIFIERS and victim not in CONTRASTIVE_VICTIMS:
+            raise VerifyError(f"unknown victim {victim!r}; available: {', '.join([*CLASSIFIERS, *CONTRASTIVE_VICTIMS])}")
     if countermeasures is not None:
         chosen = []
         for name in countermeasures:
@@ -262,7 +262,7 @@ def run_cell(
     countermeasure = build_countermeasure(cell.countermeasure, **settings)
     if cell.victim in CONTRASTIVE_VICTIMS:
         return _run_contrastive_cell(cell, train, data, countermeasure, device=device, reporter=reporter)
-    model = build_victim(cell.victim, len(data.clean.classes), seed=cell.seed, image_size=data.clean.images.shape[-1])
+    model = build_classifier(cell.victim, len(data.clean.classes), seed=cell.seed, image_size=data.clean.images.shape[-1])
     config = victim_train_config(cell.victim, cell.epochs, len(train))
     title = f"{cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}"
     with reporter.phase(title, total=cell.epochs) as phase:

@@ -134,7 +134,7 @@ def run_measured(command: list[str]) -> tuple[dict, int, int]:
 
 def one_run(args: argparse.Namespace) -> None:
     """The measured child: protect one export with the saved protector and print JSON."""
-    from protect.batch import protect_export
+    from protect.runner import protect_export
 
     summary = protect_export(
         "em-classwise", args.source, args.dest, protector=args.protector, engine=args.engine,
@@ -144,7 +144,7 @@ def one_run(args: argparse.Namespace) -> None:
 
 
 def fit_protector(work: Path) -> Path:
-    from protect.batch import protect_export
+    from protect.runner import protect_export
 
     protector = work / "protector"
     if not (protector / "protector.json").exists():

@@ -24,7 +24,7 @@ import torch
 
 from attacks.data import load_image_folder, load_pairs, mix_with_clean
 from attacks.train import TrainConfig, train_classifier
-from attacks.victims import build_victim
+from protect.models import build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def main() -> None:
     for name, row in rows.items():
         finals, peaks, times = [], [], []
         for seed in range(args.seeds):
-            model = build_victim("small-cnn", len(test.classes), seed=seed)
+            model = build_classifier("small-cnn", len(test.classes), seed=seed)
             result = train_classifier(model, row["train"], test, TrainConfig(epochs=args.epochs), seed=seed)
             finals.append(result.final)
             peaks.append(result.peak)
@@ -141,7 +141,7 @@ def main() -> None:
         entry = {"final": finals, "peak": peaks, "train_seconds": times, "generation": row.get("gen"), "mix": row.get("mix", 0)}
         if args.resnet and not row.get("mix"):
             half = load_image_folder(row.get("folder", subset), per_class=500, classes=test.classes)
-            result = train_classifier(build_victim("resnet18", len(test.classes)), half, test, TrainConfig(epochs=8, lr=0.1))
+            result = train_classifier(build_classifier("resnet18", len(test.classes)), half, test, TrainConfig(epochs=8, lr=0.1))
             entry["resnet18"] = {"final": result.final, "peak": result.peak, "seconds": result.seconds}
         results[name] = entry
 

@@ -26,7 +26,7 @@ from attacks.data import ImageSet, load_image_folder, load_pairs
 from attacks.relabel import relabel_sets
 from attacks.train import TrainConfig, train_classifier
 from attacks.verify import victim_train_config
-from attacks.victims import build_victim
+from protect.models import build_classifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from p0 import build_subset, generate, mean_std, recorded_generation  # noqa: E402
@@ -41,7 +41,7 @@ def train_surrogate(cifar: Path, work: Path, test: ImageSet, epochs: int) -> tup
     if weights.exists():
         return weights, json.loads(weights.with_suffix(".json").read_text())
     data = load_image_folder(build_subset(cifar / "train", work / "surrogate-train", 1000, offset=4000), classes=test.classes)
-    model = build_victim("small-cnn", len(test.classes), seed=0)
+    model = build_classifier("small-cnn", len(test.classes), seed=0)
     result = train_classifier(model, data, test, TrainConfig(epochs=epochs), seed=0)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     facts = {"train_images": len(data), "epochs": epochs, "test_accuracy": result.final, "seconds": result.seconds}
@@ -52,7 +52,7 @@ def train_surrogate(cifar: Path, work: Path, test: ImageSet, epochs: int) -> tup
 def victims(train: ImageSet, test: ImageSet, seeds: int, epochs: int) -> dict:
     finals, peaks, seconds = [], [], []
     for seed in range(seeds):
-        model = build_victim("small-cnn", len(test.classes), seed=seed)
+        model = build_classifier("small-cnn", len(test.classes), seed=seed)
         result = train_classifier(model, train, test, victim_train_config("small-cnn", epochs, len(train)), seed=seed)
         finals.append(result.final)
         peaks.append(result.peak)

@@ -35,8 +35,8 @@ from attacks.contrastive import (
 )
 from attacks.data import load_image_folder, load_pairs
 from attacks.train import TrainConfig, train_classifier
-from attacks.victims import build_victim
-from protect.clip import load_clip
+from protect.models import build_classifier
+from protect.models.clip import load_clip
 from protect.t2ue import (
     CLIP_TEMPLATES,
     LoadedGenerator,
@@ -142,7 +142,7 @@ def main() -> None:
         train = row["train"]
         finals = []
         for seed in range(args.seeds):
-            model = build_victim("small-cnn", len(classes), seed=seed)
+            model = build_classifier("small-cnn", len(classes), seed=seed)
             finals.append(train_classifier(model, train, test, TrainConfig(epochs=args.epochs), seed=seed).final)
         contrastive = contrastive_cell(args.victim, train.images, class_caption_list(train.labels, classes), test.images,
                                        test_captions, epochs=args.epochs, seed=0)

@@ -3,6 +3,9 @@
 >>> import protect
 >>> summary = protect.protect_folder("em-classwise", "photos/", "photos-protected/")
 >>> summary.written, summary.failed
+
+``protect.protect_export`` protects a whole dataset export (image folder, manifest, tar, Parquet,
+zip) the same way; both are front-ends of one job (:mod:`protect.runner`).
 """
 
 from protect.budget import BudgetError, check_budget
@@ -18,7 +21,7 @@ from protect.generator import (
     resolve_config,
 )
 from protect.images import ImageReadError, load_image, scan_folder
-from protect.pipeline import RunSummary, UsageError, protect_folder
+from protect.runner import FileFailure, JobSummary, UsageError, protect_export, protect_folder
 
 __version__ = "0.1.0"
 
@@ -27,15 +30,17 @@ __all__ = [
     "BudgetError",
     "ConfigError",
     "Generator",
+    "FileFailure",
     "ImageReadError",
+    "JobSummary",
     "MethodConfig",
-    "RunSummary",
     "UsageError",
     "available_methods",
     "bounded_perturbation",
     "check_budget",
     "create_generator",
     "load_image",
+    "protect_export",
     "protect_folder",
     "register",
     "resolve_config",

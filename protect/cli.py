@@ -1,27 +1,26 @@
-"""The ``protect`` command line: a thin layer over :mod:`protect.pipeline`."""
+"""The ``protect`` command line: a thin layer over :mod:`protect.runner` (``run``, ``batch``),
+:mod:`protect.t2ue.cli` (``t2ue``) and the commands other packages add (``verify``)."""
 
 from __future__ import annotations
 
 import math
 from importlib import metadata
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from protect.config import ConfigError, parse_number, parse_overrides
+from protect.config import ConfigError, parse_overrides
+from protect.console import RichReporter, err, fail, out, parse_eps, progress_display, resolve_device
 from protect.generator import available_methods, describe_fields
 from protect.images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
-from protect.batch.formats import FORMATS, ColumnOptions
-from protect.batch.run import BatchSummary, protect_export
-from protect.pipeline import RunSummary, UsageError, protect_folder
-from protect.t2ue_cli import app as t2ue_app
+from protect.progress import Reporter
+from protect.runner import JobSummary, UsageError, protect_export, protect_folder
+from protect.runner.formats import FORMATS, ColumnOptions
+from protect.t2ue.cli import app as t2ue_app
 
 app = typer.Typer(
     help="Make image folders unlearnable: add bounded, imperceptible noise so that models "
@@ -29,87 +28,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
-
-USAGE_ERROR = 2
-
-
-class RichReporter:
-    """Progress bars and messages on stderr, so stdout keeps only the summary."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-
-    @contextmanager
-    def phase(self, title: str, total: int | None) -> Iterator["_RichPhase"]:
-        task = self.progress.add_task(title, total=total)
-        phase = _RichPhase(self.progress, task)
-        try:
-            yield phase
-        finally:
-            # Finished phases collapse into one line, so long fits do not flood the terminal.
-            info = next(t for t in self.progress.tasks if t.id == task)
-            elapsed, description = info.elapsed or 0.0, info.description
-            self.progress.remove_task(task)
-            self.progress.console.print(f"[green]done[/green] {description} ({elapsed:.1f} s)", markup=True, highlight=False)
-
-    def message(self, text: str, level: str = "info") -> None:
-        style = {"error": "red", "warning": "yellow"}.get(level, "dim")
-        prefix = {"error": "error: ", "warning": "warning: "}.get(level, "")
-        self.progress.console.print(f"[{style}]{prefix}[/{style}]{escape(text)}", markup=True, highlight=False)
-
-
-def progress_display() -> Progress:
-    """The progress bars every command draws on stderr."""
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    return Progress(*columns, console=err)
-
-
-class _RichPhase:
-    def __init__(self, progress: Progress, task: int) -> None:
-        self.progress, self.task = progress, task
-
-    def advance(self, amount: int = 1) -> None:
-        self.progress.advance(self.task, amount)
-
-    def describe(self, text: str) -> None:
-        self.progress.update(self.task, description=text)
-        if not self.progress.console.is_interactive:
-            # No live bars in a log file or pipe: each round's or epoch's news becomes a line.
-            elapsed = next(t for t in self.progress.tasks if t.id == self.task).elapsed or 0.0
-            self.progress.console.print(f"{text} ({elapsed:.0f} s)", markup=False, highlight=False)
-
-
-def fail(message: str) -> typer.Exit:
-    err.print(f"[red]Error:[/red] {escape(message)}", markup=True, highlight=False)
-    return typer.Exit(USAGE_ERROR)
-
-
-def _parse_eps(value: Optional[str]) -> float | None:
-    if value is None:
-        return None
-    try:
-        eps = parse_number(value)
-    except (ValueError, ZeroDivisionError):
-        raise fail(f"--eps must be a number such as 8/255 or 0.0314; got {value!r}") from None
-    if not 0 < eps < 1:
-        raise fail(f"--eps is in [0, 1] pixel units, e.g. 8/255; got {value!r}")
-    return eps
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise fail(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise fail("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return device
-
-
 # Parameters `run` and `batch` share, declared once.
 METHOD_ARGUMENT = typer.Argument(..., help="Noise method; `protect methods` lists them.")
 EPS_OPTION = typer.Option(None, "--eps", help="L-inf budget, e.g. 8/255 (default: the method's config).")
@@ -128,7 +46,7 @@ SAVE_PROTECTOR_OPTION = typer.Option(None, "--save-protector", help="Keep the fi
 
 def _method_settings(eps: Optional[str], device: str, set_: list[str]) -> tuple[float | None, torch.device, dict]:
     """--eps, --device and --set checked, or a usage error naming the bad value."""
-    eps_value = _parse_eps(eps)
+    eps_value = parse_eps(eps)
     torch_device = resolve_device(device)
     try:
         return eps_value, torch_device, parse_overrides(set_)
@@ -136,31 +54,46 @@ def _method_settings(eps: Optional[str], device: str, set_: list[str]) -> tuple[
         raise fail(str(exc)) from None
 
 
-def _print_summary(summary: RunSummary) -> None:
-    table = Table(title=f"protect run {summary.method}", show_header=False)
-    table.add_row("input", escape(str(summary.input_dir)))
-    table.add_row("output", escape(str(summary.output_dir)))
-    table.add_row("images written", str(summary.written))
-    if summary.already_done:
-        table.add_row("already done (resume)", str(summary.already_done))
-    table.add_row("failed", str(len(summary.failed)))
+def _protect(command: str, work: Callable[[Reporter], JobSummary], again: str) -> None:
+    """Run a job with progress bars; usage errors exit 2, an interruption says how to finish."""
+    with progress_display() as progress:
+        try:
+            summary = work(RichReporter(progress))
+        except UsageError as exc:
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            err.print(f"[yellow]Interrupted.[/yellow] {escape(again)}", markup=True, highlight=False)
+            raise typer.Exit(130) from None
+    _print_summary(command, summary)
+    raise typer.Exit(summary.exit_code)
+
+
+def _print_summary(command: str, summary: JobSummary) -> None:
+    """The summary table on stdout, then one line per failed file or record."""
+    table = Table(title=f"protect {command} {summary.method}", show_header=False)
+    table.add_row("source", f"{escape(str(summary.source))} ({summary.input_format})")
+    table.add_row("destination", escape(str(summary.dest)))
+    if command == "batch":
+        resumed = f" ({summary.units_resumed} done before resume)" if summary.units_resumed else ""
+        table.add_row("engine", summary.engine)
+        table.add_row("units", f"{summary.units}{resumed}")
+    done = f" ({summary.already_done} before the interruption)" if summary.already_done else ""
+    table.add_row("images written", f"{summary.written}{done}")
+    if summary.copied:
+        table.add_row("copied unchanged (not images)", str(summary.copied))
     if summary.not_images:
         table.add_row("skipped (not images)", str(len(summary.not_images)))
-    table.add_row("labels", summary.labels)
+    table.add_row("failed", str(len(summary.failed)))
+    table.add_row("labels", escape(summary.labels))
+    table.add_row("noise fitted", escape(summary.fit))
     table.add_row("max |out - in|", f"{summary.max_levels} / 255")
     if summary.mean_psnr is not None:
-        shown = "identical" if math.isinf(summary.mean_psnr) else f"{summary.mean_psnr:.2f} dB"
-        table.add_row("mean PSNR", shown)
+        table.add_row("mean PSNR", "identical" if math.isinf(summary.mean_psnr) else f"{summary.mean_psnr:.2f} dB")
     if summary.mean_ssim is not None:
         table.add_row("mean SSIM", f"{summary.mean_ssim:.4f}")
-    table.add_row("time", f"{summary.seconds:.1f} s (fit {summary.fit_seconds:.1f} s)")
-    _print_with_failures(table, [(f.path, f.reason) for f in summary.failed])
-
-
-def _print_with_failures(table: Table, failures: list[tuple[str, str]]) -> None:
-    """The summary table on stdout, then one line per failed file or record."""
+    table.add_row("time", f"{summary.seconds:.1f} s (fit {summary.fit_seconds:.1f} s, apply {summary.apply_seconds:.1f} s)")
     out.print(table)
-    for name, reason in failures:
+    for name, reason in summary.failed:
         out.print(f"[red]failed:[/red] {escape(name)}: {escape(reason)}", markup=True, highlight=False)
 
 
@@ -185,48 +118,23 @@ def run(
     captions: Optional[Path] = typer.Option(None, "--captions", help="For text-driven methods (t2ue): a .csv/.jsonl of "
                                             "image (path relative to INPUT_DIR), caption. Same as --set captions=FILE."),
 ) -> None:
-    """Write a protected copy of INPUT_DIR to OUTPUT_DIR.
+    """Write a protected copy of INPUT_DIR to OUTPUT_DIR, fitting the noise on all its images.
 
     Exit code: 0 every image written, 1 some files failed (listed), 2 usage error.
     """
     eps_value, torch_device, overrides = _method_settings(eps, device, set_)
     if captions is not None:
         overrides["captions"] = str(captions)
-    with progress_display() as progress:
-        try:
-            summary = protect_folder(
-                method, input_dir, output_dir, eps=eps_value, config_file=config, overrides=overrides,
-                seed=seed, device=torch_device, output_format=output_format, allow_lossy=allow_lossy,
-                resume=resume, overwrite=overwrite, max_pixels=max_pixels, reporter=RichReporter(progress),
-                protector=protector, save_protector_to=save_protector,
-            )
-        except UsageError as exc:
-            raise fail(str(exc)) from None
-        except KeyboardInterrupt:
-            err.print(
-                f"[yellow]Interrupted.[/yellow] Files written so far are complete; run the same command with "
-                f"--resume to finish into {output_dir}.",
-                markup=True, highlight=False,
-            )
-            raise typer.Exit(130) from None
-    _print_summary(summary)
-    raise typer.Exit(summary.exit_code)
-
-
-def _print_batch_summary(summary: BatchSummary) -> None:
-    table = Table(title=f"protect batch {summary.method}", show_header=False)
-    table.add_row("source", f"{escape(str(summary.source))} ({summary.input_format})")
-    table.add_row("destination", escape(str(summary.dest)))
-    table.add_row("engine", summary.engine)
-    table.add_row("units", f"{summary.units}" + (f" ({summary.units_resumed} done before resume)" if summary.units_resumed else ""))
-    table.add_row("images written", str(summary.written))
-    if summary.copied:
-        table.add_row("copied unchanged (not images)", str(summary.copied))
-    table.add_row("failed", str(len(summary.failed)))
-    table.add_row("noise fitted", escape(summary.fit))
-    table.add_row("max |out - in|", f"{summary.max_levels} / 255")
-    table.add_row("time", f"{summary.seconds:.1f} s (fit {summary.fit_seconds:.1f} s, apply {summary.apply_seconds:.1f} s)")
-    _print_with_failures(table, summary.failed)
+    _protect(
+        "run",
+        lambda reporter: protect_folder(
+            method, input_dir, output_dir, eps=eps_value, config_file=config, overrides=overrides,
+            seed=seed, device=torch_device, output_format=output_format, allow_lossy=allow_lossy,
+            resume=resume, overwrite=overwrite, max_pixels=max_pixels, reporter=reporter,
+            protector=protector, save_protector_to=save_protector,
+        ),
+        f"Files written so far are complete; run the same command with --resume to finish into {output_dir}.",
+    )
 
 
 @app.command()
@@ -266,26 +174,17 @@ def batch(
     """
     eps_value, torch_device, overrides = _method_settings(eps, device, set_)
     columns = ColumnOptions(image=image_column, label=label_column or None, caption=caption_column or None)
-    with progress_display() as progress:
-        try:
-            summary = protect_export(
-                method, source, dest, input_format=input_format, columns=columns, eps=eps_value, config_file=config,
-                overrides=overrides, seed=seed, device=torch_device, output_format=output_format, allow_lossy=allow_lossy,
-                engine=engine, workers=workers, address=address, unit_size=unit_size, fit_sample=fit_sample,
-                fit_devices=fit_devices.split(",") if fit_devices else None, protector=protector,
-                save_protector_to=save_protector, overwrite=overwrite, max_pixels=max_pixels,
-                reporter=RichReporter(progress),
-            )
-        except UsageError as exc:
-            raise fail(str(exc)) from None
-        except KeyboardInterrupt:
-            err.print(
-                f"[yellow]Interrupted.[/yellow] Finished units are kept; run the same command again to finish into {dest}.",
-                markup=True, highlight=False,
-            )
-            raise typer.Exit(130) from None
-    _print_batch_summary(summary)
-    raise typer.Exit(summary.exit_code)
+    _protect(
+        "batch",
+        lambda reporter: protect_export(
+            method, source, dest, input_format=input_format, columns=columns, eps=eps_value, config_file=config,
+            overrides=overrides, seed=seed, device=torch_device, output_format=output_format, allow_lossy=allow_lossy,
+            engine=engine, workers=workers, address=address, unit_size=unit_size, fit_sample=fit_sample,
+            fit_devices=fit_devices.split(",") if fit_devices else None, protector=protector,
+            save_protector_to=save_protector, overwrite=overwrite, max_pixels=max_pixels, reporter=reporter,
+        ),
+        f"Finished units are kept; run the same command again to finish into {dest}.",
+    )
 
 
 @app.command()

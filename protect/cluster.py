@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from protect.surrogates import build_surrogate
+from protect.models import build_classifier
 
 
 def kmeans(
@@ -49,7 +49,7 @@ def surrogate_features(
 ) -> torch.Tensor:
     """Penultimate features of a freshly initialised surrogate (random convolutional features),
     standardised per dimension. images: uint8 (N, 3, R, R)."""
-    model = build_surrogate(surrogate, num_classes=1, device=device, seed=seed).eval()
+    model = build_classifier(surrogate, 1, seed=seed, device=device, channels_last=True).eval()
     chunks = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(device).float().div(255)

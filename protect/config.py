@@ -1,6 +1,9 @@
 """Method configuration: dataclass defaults < ``configs/<method>.yaml`` < ``--set key=value``.
 
 Unknown keys are errors at every level, so a typo never silently falls back to a default.
+The default YAML files live in ``configs/`` at the top of the repository and ship inside the
+package as ``protect.configs``; they are read through :mod:`importlib.resources`, so a wheel
+install reads exactly the files a checkout does.
 """
 
 from __future__ import annotations
@@ -8,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from importlib import resources
+from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_PACKAGE = "protect.configs"
 
 
 class ConfigError(ValueError):
@@ -59,13 +64,36 @@ def _coerce(field: dataclasses.Field, value: Any, hints: dict[str, Any]) -> Any:
     return value
 
 
-def config_path_for(method: str) -> Path:
-    return CONFIG_DIR / f"{method}.yaml"
+def packaged_config(name: str) -> Traversable:
+    """A file shipped in ``configs/`` (the package ``protect.configs``), e.g. ``em-classwise.yaml``
+    or ``relabel/cifar10-coarse.yaml``; it may not exist (check with ``is_file()``)."""
+    node = resources.files(CONFIG_PACKAGE)
+    for part in name.split("/"):
+        node = node / part
+    return node
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def config_path_for(method: str) -> Traversable:
+    """The default config of ``method``: ``configs/<method>.yaml``."""
+    return packaged_config(f"{method}.yaml")
+
+
+def read_default_config(name: str) -> tuple[str, dict[str, Any]]:
+    """(where it is, its values) of a packaged default config; a missing one is an error, never
+    an empty layer, because the dataclass defaults alone are not the documented defaults."""
+    path = packaged_config(name)
+    if not path.is_file():
+        raise ConfigError(
+            f"default config {name} not found in the installed package ({path}); the installation is "
+            "incomplete: reinstall protect (configs/ ships inside the package as protect.configs)"
+        )
+    return str(path), read_yaml(path)
+
+
+def read_yaml(path: Path | str | Traversable) -> dict[str, Any]:
+    path = Path(path) if isinstance(path, str) else path
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:

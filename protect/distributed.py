@@ -16,85 +16,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-if TYPE_CHECKING:
-    from protect.generator import MethodConfig
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """The processes a fit runs in: this process's ``rank`` among ``world``. With one process
-    every method is a no-op, so single-device code paths are unchanged."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    def share(self, indices: torch.Tensor) -> torch.Tensor:
-        """This process's contiguous share of a batch (possibly empty for a tiny batch)."""
-        return indices.tensor_split(self.world)[self.rank] if self.distributed else indices
-
-    def gather(self, part: torch.Tensor, total: int) -> torch.Tensor:
-        """Every process's ``part`` of a batch of ``total`` items (shares as :meth:`share`),
-        concatenated in rank order; the same tensor on every process."""
-        if not self.distributed:
-            return part
-        sizes = [len(s) for s in torch.arange(total).tensor_split(self.world)]
-        padded = part.new_zeros((max(sizes), *part.shape[1:]))
-        padded[: len(part)] = part
-        slots = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(slots, padded.contiguous())
-        return torch.cat([slot[:size] for slot, size in zip(slots, sizes)])
-
-    def sum_gradients(self, model: torch.nn.Module, weight: float) -> None:
-        """Replace every gradient by the sum over processes of ``weight`` x the local one
-        (weight = share / batch, so the result is the gradient of the whole batch's mean loss)."""
-        if not self.distributed:
-            return
-        for param in model.parameters():
-            if not param.requires_grad:
-                continue
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            grad = grad * weight
-            dist.all_reduce(grad)
-            param.grad = grad
-
-    def average_buffers(self, model: torch.nn.Module) -> None:
-        """Average floating-point buffers (batch-norm running statistics) over processes."""
-        if not self.distributed:
-            return
-        for buffer in model.buffers():
-            if buffer.is_floating_point():
-                dist.all_reduce(buffer)
-                buffer.div_(self.world)
-
-    def total(self, value: float) -> float:
-        """The sum of ``value`` over processes."""
-        if not self.distributed:
-            return value
-        tensor = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
-        dist.all_reduce(tensor)
-        return float(tensor.item())
-
-
-SINGLE_PROCESS = Ranks()
-
-
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+from protect.generator import MethodConfig, create_generator, method_class
+from protect.ranks import Ranks
 
 
 class DistributedFitError(RuntimeError):
@@ -136,8 +67,6 @@ def fit_data_parallel(
     """Fit ``method`` on ``images`` (uint8, N x 3 x R x R) with one process per device; returns
     the fitted generator's state dict and its fit summary (load them into a generator made
     with the same config and seed)."""
-    from protect.generator import method_class  # protect.generator imports this module
-
     if not method_class(method).data_parallel_fit:
         raise DistributedFitError(f"{method} fits on one device; a data-parallel fit is available for error-minimising methods")
     backend = check_devices(devices)
@@ -165,8 +94,6 @@ def _fit_worker(rank: int, method: str, config: MethodConfig, seed: int, devices
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from protect.generator import create_generator
-
     dist.init_process_group(backend, init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     try:
         data = torch.load(Path(folder) / "data.pt", weights_only=True)  # written by the parent just now

@@ -21,8 +21,8 @@ import torch
 
 from protect import precision
 from protect.budget import project_to_valid
-from protect.config import ConfigError, build_config, config_path_for, read_yaml
-from protect.distributed import SINGLE_PROCESS, Ranks
+from protect.config import ConfigError, build_config, read_default_config, read_yaml
+from protect.ranks import SINGLE_PROCESS, Ranks
 from protect.progress import Reporter
 
 
@@ -100,7 +100,7 @@ class Generator(ABC):
     #: which images a fit protects: batch jobs fit once on a sample, and runs save or reuse a
     #: protector, whenever a fit covers new images (see :class:`FitScope`)
     fit_scope: ClassVar[FitScope] = FitScope.FITTED_IMAGES
-    #: True when :meth:`fit` can run data-parallel (``self.ranks``, see :mod:`protect.distributed`)
+    #: True when :meth:`fit` can run data-parallel (``self.ranks``, see :mod:`protect.ranks`)
     data_parallel_fit: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
@@ -211,10 +211,7 @@ def resolve_config(
 ) -> MethodConfig:
     """The config for method ``name``: defaults < its YAML < ``config_file`` < overrides < eps."""
     cls = method_class(name)
-    default_yaml = config_path_for(name)
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if default_yaml.exists():
-        layers.append((str(default_yaml), read_yaml(default_yaml)))
+    layers: list[tuple[str, dict[str, Any]]] = [read_default_config(f"{name}.yaml")]
     if config_file is not None:
         layers.append((str(config_file), read_yaml(config_file)))
     if overrides:

@@ -1,8 +1,10 @@
-"""What a computation ran on, in words, for records that may come from several machines."""
+"""What a computation ran on (hardware, in words; package versions), for records that may come
+from several machines."""
 
 from __future__ import annotations
 
 import platform
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -24,3 +26,14 @@ def _cpuinfo_lines() -> list[str]:
         return Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:  # not Linux
         return []
+
+
+def package_versions() -> dict[str, str]:
+    """Python's and the relevant packages' versions ("not installed" for a missing one)."""
+    versions = {"python": platform.python_version()}
+    for name in ("protect", "torch", "torchvision", "numpy", "pillow", "safetensors"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions

@@ -1,10 +1,6 @@
-"""Surrogate classifiers used to optimise noise (and, from ``attacks``, as victims).
-
-Both take float images in [0, 1] and normalise inside, so perturbations live in pixel space.
-- ``small-cnn``: an airbench-style fast CNN (conv-pool-BN-GELU groups, widths 32/64/64 by
-  default); about 30x faster than ResNet-18 on CPU, the default surrogate there.
-- ``resnet18``: CIFAR ResNet-18 (3x3 stem, no max-pool; He et al. 2016 as used by
-  Huang et al. 2021, the official EM surrogate).
+"""Surrogate training for methods that optimise noise against a classifier (error-minimising
+noise, Bayes-error maximisation): their shared settings, the surrogate they train, one SGD step
+and a few epochs of training. The networks themselves are in :mod:`protect.models`.
 """
 
 from __future__ import annotations
@@ -16,110 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protect.distributed import SINGLE_PROCESS, Ranks
 from protect.generator import MethodConfig
+from protect.models import build_classifier
+from protect.ranks import SINGLE_PROCESS, Ranks
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
-
-class Normalize(nn.Module):
-    def __init__(self, mean: tuple[float, ...] = CIFAR_MEAN, std: tuple[float, ...] = CIFAR_STD) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
-
-
-class ConvGroup(nn.Sequential):
-    """conv -> max-pool /2 -> BN -> GELU -> conv -> BN -> GELU (the airbench block)."""
-
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__(
-            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-            nn.MaxPool2d(2),
-            nn.BatchNorm2d(c_out),
-            nn.GELU(),
-            *_conv_bn(c_out, c_out),
-        )
-
-
-class SmallCNN(nn.Module):
-    """Fast CNN for small images: stem conv, three ConvGroups (each halves the size), global
-    max-pool, linear head. Works at any input size >= 8 px."""
-
-    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 64)) -> None:
-        super().__init__()
-        stem = max(widths[0] // 2, 16)
-        self.normalize = Normalize()
-        self.features = nn.Sequential(
-            *_conv_bn(3, stem),
-            ConvGroup(stem, widths[0]),
-            ConvGroup(widths[0], widths[1]),
-            ConvGroup(widths[1], widths[2]),
-            nn.AdaptiveMaxPool2d(1),
-            nn.Flatten(),
-        )
-        self.head = nn.Linear(widths[2], num_classes, bias=False)
-        self.feature_dim = widths[2]
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.normalize(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR ResNet-18: 3x3 stem without max-pool, stages of 64/128/256/512 channels."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.normalize = Normalize()
-        layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
-        c_in = 64
-        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
-            c_in = c_out
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(512, num_classes)
-        self.feature_dim = 512
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.normalize(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
-
-
-SURROGATES: dict[str, Callable[[int], nn.Module]] = {
-    "small-cnn": SmallCNN,
-    "resnet18": ResNet18,
-}
+#: classifiers of :mod:`protect.models` a method can optimise its noise against
+SURROGATES = ("small-cnn", "resnet18")
 
 
 @dataclass
@@ -152,10 +50,7 @@ def build_surrogate(name: str, num_classes: int, *, device: torch.device | str =
     """A freshly initialised surrogate (deterministic for ``seed``), channels_last on ``device``."""
     if name not in SURROGATES:
         raise ValueError(f"unknown surrogate {name!r}; available: {', '.join(SURROGATES)}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SURROGATES[name](num_classes)
-    return model.to(device=device, memory_format=torch.channels_last)
+    return build_classifier(name, num_classes, seed=seed, device=device, channels_last=True)
 
 
 def sgd_step(

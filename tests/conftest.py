@@ -160,7 +160,7 @@ def cifar_small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tests so the noise is fitted only once per session."""
     if not (CIFAR10 / "train").is_dir() or not (CIFAR10 / "test").is_dir():
         pytest.skip("../shared/data/cifar10 not found: the real-data test needs the shared CIFAR-10 folder")
-    from protect.pipeline import protect_folder
+    from protect.runner import protect_folder
 
     root = tmp_path_factory.mktemp("cifar-small")
 

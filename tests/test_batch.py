@@ -23,12 +23,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import SIZES, synthetic_rgb
-from protect.batch import protect_export
-from protect.batch.run import STATE_DIR_NAME
 from protect.budget import budget_in_levels, check_budget
 from protect.cli import app
 from protect.images import decode_image
-from protect.pipeline import PROTECTION_NAME, UsageError
+from protect.runner import PROTECTION_NAME, STATE_DIR_NAME, UsageError, protect_export
 
 EPS_LEVELS = budget_in_levels(8 / 255)
 FAST_CLASSWISE = {"max_rounds": 2, "train_steps": 2, "resolution": 16, "batch_size": 8}
@@ -201,6 +199,10 @@ FORMATS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+def without_record(tree: dict[str, str]) -> dict[str, str]:
+    return {name: digest for name, digest in tree.items() if name != PROTECTION_NAME}
+
+
 def tree_bytes(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -249,7 +251,9 @@ def test_class_noise_is_fitted_once_with_the_labels_and_reusable(tmp_path: Path)
     assert json.loads((kept / "protector.json").read_text(encoding="utf-8"))["classes"] == ["0", "1"]
     reused = protect_export("em-classwise", source, tmp_path / "b", protector=kept, unit_size=4, workers=1)
     assert reused.fit.startswith("saved protector")
-    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    # The same protected export; only protection.json tells a fit from a reused protector.
+    assert json.loads((tmp_path / "b" / PROTECTION_NAME).read_text(encoding="utf-8"))["fit"]["how"].startswith("saved protector")
+    assert without_record(tree_bytes(tmp_path / "a")) == without_record(tree_bytes(tmp_path / "b"))
     with pytest.raises(UsageError, match="holds the noise"):
         protect_export("em-classwise", source, tmp_path / "c", save_protector_to=tmp_path / "c" / "p")
 
@@ -355,7 +359,7 @@ def test_usage_errors_exit_2_and_write_nothing(tmp_path: Path) -> None:
     source = make_tar(tmp_path, records(2))
     runner = CliRunner()
     inside = runner.invoke(app, ["batch", "random", str(source), str(source / "out")])
-    assert inside.exit_code == 2 and "inside the source" in inside.output
+    assert inside.exit_code == 2 and "inside the input" in inside.output
     lossy = runner.invoke(app, ["batch", "random", str(source), str(tmp_path / "o"), "--format", "jpeg"])
     assert lossy.exit_code == 2 and "--allow-lossy" in lossy.output
     assert not (tmp_path / "o").exists() and not (source / "out").exists()

@@ -19,7 +19,7 @@ from protect.methods.bayes import (
     estimate_bayes_error,
     loo_class_posteriors,
 )
-from protect.pipeline import protect_folder
+from protect.runner import protect_folder
 from protect.surrogates import build_surrogate
 
 

@@ -1,4 +1,4 @@
-"""clusters (Unlearnable Clusters) and protect.clip: determinism, budget, the saved protector,
+"""clusters (Unlearnable Clusters) and protect.models.clip: determinism, budget, the saved protector,
 flat folders end to end, and the error for missing CLIP weights. A tiny randomly initialised
 open_clip model stands in for CLIP; nothing touches the network."""
 
@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from protect.batch import protect_export
 from protect.cli import app
-from protect.clip import TINY_TEST_MODEL, ClipWeightsNotFound, load_clip
 from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
 from protect.images import load_image
-from protect.pipeline import MANIFEST_NAME, PROTECTION_NAME, UsageError, protect_folder
+from protect.models.clip import TINY_TEST_MODEL, ClipWeightsNotFound, load_clip
+from protect.runner import MANIFEST_NAME, PROTECTION_NAME, UsageError, protect_export, protect_folder
 
 TINY = {
     "surrogate_model": TINY_TEST_MODEL, "surrogate_weights": "random", "resolution": 16, "epochs": 2,

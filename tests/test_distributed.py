@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from protect.batch import protect_export
-from protect.distributed import DistributedFitError, Ranks, check_devices, fit_data_parallel
+from protect.distributed import DistributedFitError, check_devices, fit_data_parallel
 from protect.generator import create_generator, resolve_config
-from protect.pipeline import UsageError
+from protect.ranks import Ranks
+from protect.runner import UsageError, protect_export
 from protect.surrogates import sgd_step
 
 def _problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:

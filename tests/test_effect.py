@@ -14,7 +14,7 @@ import pytest
 
 from attacks.data import load_image_folder
 from attacks.train import TrainConfig, train_classifier
-from attacks.victims import build_victim
+from protect.models import build_classifier
 
 # Small batches and 15 epochs: the one-cycle schedule needs enough steps on 1,000 images.
 VICTIM = TrainConfig(epochs=15, batch_size=100, lr=0.1)
@@ -37,7 +37,7 @@ def test_protection_lowers_victim_accuracy(cifar_small: dict) -> None:
 
     accuracy = {}
     for name, data in train.items():
-        result = train_classifier(build_victim("small-cnn", len(classes), seed=0), data, test, VICTIM, seed=0)
+        result = train_classifier(build_classifier("small-cnn", len(classes), seed=0), data, test, VICTIM, seed=0)
         accuracy[name] = result.final
         print(f"\n{name:>13}: clean test accuracy {result.final:.3f} "
               f"(per epoch {[round(a, 2) for a in result.test_accuracy]}, {result.seconds:.0f} s)")

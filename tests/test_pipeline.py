@@ -15,7 +15,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import protect.generator as generator_module
-import protect.pipeline as pipeline
 from conftest import BAD_MAKERS, synthetic_rgb, write_exif_rotated_jpeg, write_image
 from protect.budget import budget_in_levels
 from protect.cli import app
@@ -32,8 +31,8 @@ from protect.generator import (
 from protect.hardware import device_description
 from protect.images import load_image
 from protect.methods.random_noise import RandomNoise
-from protect.pipeline import MANIFEST_NAME, PROTECTION_NAME, STATE_DIR_NAME, UsageError, protect_folder
 from protect.precision import resolved_precision
+from protect.runner import MANIFEST_NAME, PROTECTION_NAME, STATE_DIR_NAME, UsageError, formats, protect_folder
 
 METHODS = sorted(available_methods())
 # Settings that keep every method fast on tiny inputs; each method takes the keys it has.
@@ -298,7 +297,7 @@ def test_bad_files_are_reported_and_the_job_goes_on(make_images, tmp_path: Path,
     for path in bad:
         assert not (output / path.relative_to(source)).with_suffix(".png").exists()
     document = json.loads((output / PROTECTION_NAME).read_text(encoding="utf-8"))
-    assert sorted(f["path"] for f in document["summary"]["failed"]) == sorted(str(p) for p in bad)
+    assert sorted(f["input"] for f in document["summary"]["failed"]) == sorted(str(p) for p in bad)
     assert document["summary"]["not_images"] == [str(notes)]
     assert snapshot(source) == before
 
@@ -421,10 +420,12 @@ def test_empty_input_folder_is_a_usage_error(tmp_path: Path) -> None:
     assert mentions(result.output, "no images found")
 
 
-def test_one_class_is_a_usage_error_for_methods_needing_labels(make_images, tmp_path: Path) -> None:
-    make_images("input", classes=("only",), per_class=2)
-    with pytest.raises(UsageError, match="at least two classes"):
-        protect_folder("em-classwise", tmp_path / "input", tmp_path / "out", overrides=fast("em-classwise"))
+def test_one_class_folder_gets_pseudo_labels_for_methods_needing_labels(make_images, tmp_path: Path) -> None:
+    inputs = make_images("input", classes=("only",), per_class=4)
+    summary = protect_folder("em-classwise", tmp_path / "input", tmp_path / "out", overrides=fast("em-classwise", pseudo_label_k=2))
+    assert summary.exit_code == 0 and summary.written == len(inputs)
+    assert summary.labels.startswith("pseudo")
+    assert {r["label"] for r in read_manifest(tmp_path / "out")} == {"only"}
 
 
 def test_lossy_jpeg_with_allow_lossy_warns(make_images, tmp_path: Path) -> None:
@@ -499,7 +500,7 @@ def test_flat_folder_without_labels_for_random(make_images, tmp_path: Path) -> N
 
 
 class _Interrupt:
-    """Wraps save_image_atomic and raises KeyboardInterrupt on its ``at``-th call."""
+    """Wraps the atomic writer of output images and raises KeyboardInterrupt on its ``at``-th call."""
 
     def __init__(self, real, at: int) -> None:
         self.real, self.at, self.calls = real, at, 0
@@ -520,23 +521,22 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     overrides = fast(method)
 
-    protect_folder(method, source, whole, overrides=overrides, seed=5)
+    protect_folder(method, source, whole, overrides=overrides, seed=5, unit_size=2)
 
-    interrupt = _Interrupt(pipeline.save_image_atomic, at=3)
-    monkeypatch.setattr(pipeline, "save_image_atomic", interrupt)
+    monkeypatch.setattr(formats, "atomic_open", _Interrupt(formats.atomic_open, at=3))
     with pytest.raises(KeyboardInterrupt):
-        protect_folder(method, source, resumed, overrides=overrides, seed=5)
+        protect_folder(method, source, resumed, overrides=overrides, seed=5, unit_size=2)
     monkeypatch.undo()
     assert (resumed / STATE_DIR_NAME).exists()
-    assert len(read_manifest(resumed)) == 2
+    assert len(output_images(resumed)) == 2 and not (resumed / MANIFEST_NAME).exists()
     # Without --resume a non-empty output is refused.
     with pytest.raises(UsageError, match="not empty"):
-        protect_folder(method, source, resumed, overrides=overrides, seed=5)
+        protect_folder(method, source, resumed, overrides=overrides, seed=5, unit_size=2)
 
-    summary = protect_folder(method, source, resumed, overrides=overrides, seed=5, resume=True)
+    summary = protect_folder(method, source, resumed, overrides=overrides, seed=5, unit_size=2, resume=True)
 
     assert summary.exit_code == 0
-    assert summary.already_done == 2 and summary.written == len(inputs) - 2
+    assert summary.already_done == 2 and summary.written == len(inputs)
     assert output_images(resumed) == output_images(whole)
     key = lambda records: sorted(json.dumps(r, sort_keys=True) for r in records)  # noqa: E731
     assert key(read_manifest(resumed)) == key(read_manifest(whole))
@@ -546,7 +546,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(
 def test_resume_with_other_settings_is_refused(make_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_images("input", per_class=2)
     source, output = tmp_path / "input", tmp_path / "output"
-    monkeypatch.setattr(pipeline, "save_image_atomic", _Interrupt(pipeline.save_image_atomic, at=2))
+    monkeypatch.setattr(formats, "atomic_open", _Interrupt(formats.atomic_open, at=2))
     with pytest.raises(KeyboardInterrupt):
         protect_folder("random", source, output, seed=1)
     monkeypatch.undo()
@@ -557,13 +557,15 @@ def test_resume_with_other_settings_is_refused(make_images, tmp_path: Path, monk
 def test_resume_notices_changed_inputs(make_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     inputs = make_images("input", per_class=2)
     source, output = tmp_path / "input", tmp_path / "output"
-    monkeypatch.setattr(pipeline, "save_image_atomic", _Interrupt(pipeline.save_image_atomic, at=2))
+    monkeypatch.setattr(formats, "atomic_open", _Interrupt(formats.atomic_open, at=2))
     with pytest.raises(KeyboardInterrupt):
         protect_folder("random", source, output)
     monkeypatch.undo()
     write_image(inputs[-1], 20, 28, seed=99)  # an input changed in between
-    with pytest.raises(UsageError, match="changed"):
-        protect_folder("random", source, output, resume=True)
+    summary = protect_folder("random", source, output, resume=True)
+    # The noise was fitted on the old version: that file fails by name, the others are written.
+    assert summary.exit_code == 1 and summary.written == len(inputs) - 1
+    assert [f.path for f in summary.failed] == [str(inputs[-1])] and "changed" in summary.failed[0].reason
 
 
 def test_same_seed_same_bytes(make_images, tmp_path: Path) -> None:
@@ -653,3 +655,12 @@ def test_registering_a_name_twice_raises(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ValueError, match="already registered"):
         register("test-only-noise")(type("Second", (RandomNoise,), {}))
     assert generator_module._REGISTRY["test-only-noise"].__name__ == "First"
+
+
+def test_a_missing_default_config_is_an_error_naming_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dataclass defaults are not the documented defaults: a method whose YAML is missing
+    (an incomplete install) must not run with them silently."""
+    monkeypatch.setattr(generator_module, "_REGISTRY", dict(generator_module._REGISTRY))
+    register("test-without-yaml")(type("NoYaml", (RandomNoise,), {}))
+    with pytest.raises(ConfigError, match=r"default config test-without-yaml\.yaml not found"):
+        resolve_config("test-without-yaml")

@@ -14,7 +14,7 @@ from attacks.relabel import RelabelError, relabel_sets
 from attacks.verify import Cell, VerifyError, load_verify_data, make_plan
 from conftest import write_image
 from protect.cli import app
-from protect.pipeline import protect_folder
+from protect.runner import protect_folder
 
 CLASSES = ["cat", "dog", "ship", "truck"]
 COARSE = "groups:\n  animal: [cat, dog]\n  vehicle: [ship, truck]\n"
@@ -52,7 +52,7 @@ def test_relabel_changes_cell_keys_but_true_labels_keep_theirs() -> None:
     assert make_plan("quick", relabel="true").relabel is None
     assert make_plan("quick", relabel="kmeans").relabel == "kmeans:10"
     assert Cell("small-cnn", "none", (), "clean", 2, 0, relabel="kmeans:10").key() != cell.key()
-    with pytest.raises(VerifyError, match="choose true, coarse:FILE or kmeans"):
+    with pytest.raises(VerifyError, match="choose true, coarse:FILE"):
         make_plan("quick", relabel="fine")
     with pytest.raises(VerifyError, match="mapping file not found"):
         make_plan("quick", relabel="coarse:/nowhere.yaml")

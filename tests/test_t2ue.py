@@ -17,14 +17,13 @@ from typer.testing import CliRunner
 from attacks.contrastive import RECALL_AT, class_caption_list, contrastive_cell
 from attacks.verify import Cell, VerifyData, run_cell
 from attacks.data import ImageSet
-from protect.batch import protect_export
 from protect.budget import budget_in_levels
 from protect.cli import app
-from protect.clip import TINY_TEST_MODEL, load_clip
 from protect.config import ConfigError
 from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
 from protect.images import load_image
-from protect.pipeline import UsageError, protect_folder
+from protect.models.clip import TINY_TEST_MODEL, load_clip
+from protect.runner import protect_export, protect_folder
 from protect.t2ue import (
     CLIP_TEMPLATES,
     GeneratorSpec,
@@ -206,12 +205,16 @@ def test_run_with_a_captions_file_and_its_errors(tmp_path: Path, trained: Path, 
     for path in inputs:
         written = load_image(tmp_path / "out" / path.with_suffix(".png").name).rgb.astype(int)
         assert np.abs(written - load_image(path).rgb.astype(int)).max() <= budget_in_levels(EPS)
-    # A flat folder without captions, an image missing from the captions, no generator: usage errors.
-    assert "pass --captions FILE" in invoke("run", "t2ue", source, tmp_path / "o2", *settings).output
+    # A flat folder without captions, an image missing from the captions: those files fail by name.
+    uncaptioned = invoke("run", "t2ue", source, tmp_path / "o2", *settings)
+    assert uncaptioned.exit_code == 1 and "pass --captions FILE" in uncaptioned.output
     captions.write_text(json.dumps({"image": inputs[0].name, "caption": "only one"}))
-    with pytest.raises(UsageError, match=f"has no caption for {inputs[1].name}"):
-        protect_folder("t2ue", source, tmp_path / "o3", overrides={"generator": str(trained), "surrogate_weights": "random",
-                                                                    "captions": str(captions)})
+    partial = protect_folder("t2ue", source, tmp_path / "o3", overrides={"generator": str(trained), "surrogate_weights": "random",
+                                                                         "captions": str(captions)})
+    assert partial.exit_code == 1 and partial.written == 1
+    assert [f.path for f in partial.failed] == [str(p) for p in inputs[1:]]
+    assert f"has no caption for {inputs[1].name}" in partial.failed[0].reason
+    # No generator: a usage error.
     result = invoke("run", "t2ue", source, tmp_path / "o4")
     assert result.exit_code == 2 and "protect t2ue train" in result.output
     with pytest.raises(ConfigError, match="generator file not found"):

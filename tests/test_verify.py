@@ -13,13 +13,13 @@ from typer.testing import CliRunner
 from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
 from attacks.data import ImageSet
 from attacks.report import _precision_text
-from attacks.train import TrainConfig, train_classifier
+from attacks.train import VICTIM_LR, TrainConfig, train_classifier
 from attacks.verify import VerifyError, load_verify_data, make_plan
-from attacks.victims import VICTIM_LR, VICTIMS, build_victim
 from protect import precision
 from protect.cli import app
 from protect.hardware import device_description
-from protect.pipeline import protect_folder
+from protect.models import CLASSIFIERS, build_classifier
+from protect.runner import protect_folder
 from protect.training_state import CheckpointError
 
 
@@ -44,7 +44,7 @@ def test_countermeasure_keeps_shape_dtype_range(name: str) -> None:
         assert out.shape == images.shape and out.dtype == torch.uint8
         assert not torch.equal(out, images), f"{name} changed nothing"
     else:
-        model = build_victim("small-cnn", 10)
+        model = build_classifier("small-cnn", 10)
         x = images.float() / 255
         loss = countermeasure.batch_loss(model, x, torch.arange(6) % 10, gen)
         assert loss.ndim == 0 and torch.isfinite(loss)
@@ -57,12 +57,12 @@ def test_unknown_countermeasure_lists_valid_ones() -> None:
         build_countermeasure("sharpen")
 
 
-@pytest.mark.parametrize("victim", list(VICTIMS))
+@pytest.mark.parametrize("victim", list(CLASSIFIERS))
 def test_each_victim_learns_easy_data(victim: str) -> None:
     train, test = _easy_set(64, seed=0), _easy_set(32, seed=1)
     # Small batches on a tiny set: a learning rate below the full-data ones keeps every victim stable.
     lr = min(VICTIM_LR[victim], 0.02)
-    result = train_classifier(build_victim(victim, 2), train, test, TrainConfig(epochs=4, batch_size=16, lr=lr), seed=0)
+    result = train_classifier(build_classifier(victim, 2), train, test, TrainConfig(epochs=4, batch_size=16, lr=lr), seed=0)
     assert result.final >= 0.8, f"{victim} reached only {result.final:.2f} on a trivially separable task"
 
 
@@ -75,7 +75,7 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path: Path) -> None:
     def run(model: torch.nn.Module, **kwargs) -> object:
         return train_classifier(model, train, test, config, seed=5, batch_loss=mixup, data_transform=jpeg, **kwargs)
 
-    whole_model = build_victim("small-cnn", 2, seed=1)
+    whole_model = build_classifier("small-cnn", 2, seed=1)
     whole = run(whole_model)
 
     def stop_after_second(epoch: int, accuracy: float) -> None:
@@ -84,10 +84,10 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path: Path) -> None:
 
     stem = tmp_path / "cell.partial"
     with pytest.raises(KeyboardInterrupt):
-        run(build_victim("small-cnn", 2, seed=1), checkpoint=stem, on_epoch=stop_after_second)
+        run(build_classifier("small-cnn", 2, seed=1), checkpoint=stem, on_epoch=stop_after_second)
     assert json.loads((tmp_path / "cell.partial.json").read_text())["test_accuracy"] == whole.test_accuracy[:2]
     seen = []
-    resumed_model = build_victim("small-cnn", 2, seed=1)
+    resumed_model = build_classifier("small-cnn", 2, seed=1)
     resumed = run(resumed_model, checkpoint=stem, on_epoch=lambda epoch, accuracy: seen.append(epoch))
     assert resumed.resumed_from_epoch == 2 and seen == [0, 1, 2]
     assert resumed.test_accuracy == whole.test_accuracy
@@ -95,7 +95,7 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path: Path) -> None:
         assert torch.equal(value, other), name
     # a checkpoint of another training (here: another seed) is refused, not continued
     with pytest.raises(CheckpointError, match="another training"):
-        train_classifier(build_victim("small-cnn", 2), train, test, config, seed=6, checkpoint=stem)
+        train_classifier(build_classifier("small-cnn", 2), train, test, config, seed=6, checkpoint=stem)
 
 
 
@@ -108,9 +108,9 @@ def test_a_run_resumed_on_a_machine_with_another_precision_records_both(tmp_path
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)  # ``auto`` trains in bf16 here...
     with pytest.raises(KeyboardInterrupt):
-        train_classifier(build_victim("small-cnn", 2), train, test, config, checkpoint=stem, on_epoch=stop_after_first)
+        train_classifier(build_classifier("small-cnn", 2), train, test, config, checkpoint=stem, on_epoch=stop_after_first)
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)  # ... and in float32 on the next machine
-    resumed = train_classifier(build_victim("small-cnn", 2), train, test, config, checkpoint=stem)
+    resumed = train_classifier(build_classifier("small-cnn", 2), train, test, config, checkpoint=stem)
     assert resumed.resumed_from_epoch == 1 and resumed.precision == ["bf16", "fp32"]
     card_text = _precision_text([{"precision": "bf16+fp32"}, {"precision": "fp32"}])
     assert card_text == "epochs in bf16 autocast and float32 (resumed on another machine) for 1 run, float32 for 1 run"

@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protect.clip import RANDOM_WEIGHTS, load_clip, resolve_clip_weights
 from protect.cluster import kmeans
 from protect.config import ConfigError
 from protect.generator import Batch, FitScope, Generator, MethodConfig, register
+from protect.models.clip import RANDOM_WEIGHTS, load_clip, resolve_clip_weights
 from protect.progress import NullReporter, Reporter
 from protect.surrogates import SURROGATES, build_surrogate
 

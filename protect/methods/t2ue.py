@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from protect.clip import load_clip
 from protect.config import ConfigError
 from protect.generator import Batch, FitScope, Generator, MethodConfig, register
+from protect.models.clip import load_clip
 from protect.progress import Reporter
 from protect.t2ue import (
     CLIP_TEMPLATES,

@@ -1,9 +1,10 @@
-"""One reader/writer pair per export format, behind one small interface.
+"""The sources a job reads: one reader/writer pair per format, behind one small interface.
 
 A format lists its records as *units* (contiguous slices, in source order), reads a unit's
 records back, writes a unit's protected records as a *part*, and joins the parts of one output
 file in order. Every non-image field and the record order are kept; a record whose image
-failed is left out of the output (and reported), never written unprotected.
+failed is left out of the output (and reported), never written unprotected. An image folder is
+one format among the others: ``protect run`` and ``protect batch`` read it with the same code.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import tarfile
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Iterable, Iterator
 
-from protect.images import IMAGE_SUFFIXES, atomic_open, output_relpath, scan_folder
+from protect.images import IMAGE_SUFFIXES, FolderScan, atomic_open, output_relpath, scan_folder
 
 
 class FormatError(ValueError):
@@ -44,7 +46,8 @@ class Record:
     is passed through unchanged); ``error`` refuses the record before decoding; ``payload`` is
     what the format needs to write the record back. ``key`` names the record in messages (with
     the source's location); ``name`` names it within the export, wherever the export lies
-    (what methods that key noise by image see)."""
+    (what methods that key noise by image see, and the manifest's ``input``); ``output`` names
+    its protected copy within DEST (the manifest's ``output``)."""
 
     key: str
     image: bytes | None
@@ -53,6 +56,7 @@ class Record:
     error: str | None = None
     payload: Any = None
     name: str = ""
+    output: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,11 +81,22 @@ class ExportFormat(ABC):
     name: ClassVar[str]
     #: whether parts are joined into output files (False: records are written straight to DEST)
     joins_parts: ClassVar[bool] = True
+    #: where the source's labels come from, in words (for the record of a run)
+    label_origin: ClassVar[str] = "label column"
 
-    def __init__(self, source: Path, columns: ColumnOptions, image_suffix: str) -> None:
+    def __init__(self, source: Path, columns: ColumnOptions, image_suffix: str, *, keep_other_files: bool = True) -> None:
         self.source = Path(source)
         self.columns = columns
         self.image_suffix = image_suffix
+        self.keep_other_files = keep_other_files
+
+    def nothing_found(self) -> str:
+        """The usage error when the source has no records at all."""
+        return f"no records found in {self.source} (read as {self.name})"
+
+    def skipped(self) -> list[str]:
+        """Files of the source that are neither protected nor copied (not images, and not kept)."""
+        return []
 
     @abstractmethod
     def units(self, unit_size: int) -> Iterator[Unit]:
@@ -142,13 +157,26 @@ def _is_image_name(name: str) -> bool:
 
 
 class ImageFolderFormat(ExportFormat):
-    """A folder of images, one subfolder per class (or flat); other files are copied as they are."""
+    """A folder of images, one subfolder per class (or flat); other files are copied as they are
+    (``keep_other_files``) or skipped and listed."""
 
     name = "imagefolder"
     joins_parts = False
+    label_origin = "folders"
+
+    @cached_property
+    def scan(self) -> FolderScan:
+        return scan_folder(self.source)
+
+    def nothing_found(self) -> str:
+        kinds = ", ".join(sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES))
+        return f"no images found in {self.source} (looked for: {kinds})"
+
+    def skipped(self) -> list[str]:
+        return [] if self.keep_other_files else [str(p) for p in self.scan.not_images]
 
     def units(self, unit_size: int) -> Iterator[Unit]:
-        scan = scan_folder(self.source)
+        scan = self.scan
         taken: set[PurePosixPath] = set()
         items = [
             (str(e.relpath), str(output_relpath(e.relpath, self.image_suffix, taken)), e.label) for e in scan.entries
@@ -157,7 +185,7 @@ class ImageFolderFormat(ExportFormat):
         for index, chunk in enumerate(_chunks(items, unit_size)):
             yield Unit(index, "", len(chunk), tuple(chunk))
         others = tuple((p.relative_to(self.source).as_posix(), None, None) for p in scan.not_images)
-        if others:
+        if others and self.keep_other_files:
             yield Unit(index + 1 if items else 0, "", len(others), others)
 
     def read(self, unit: Unit) -> Iterator[Record]:
@@ -172,9 +200,9 @@ class ImageFolderFormat(ExportFormat):
                 yield Record(str(path), None, label, error=f"cannot be read ({exc.strerror or exc})")
                 continue
             if out_rel is None:  # not an image: copied unchanged
-                yield Record(str(path), None, payload=(rel, data))
+                yield Record(str(path), None, payload=(rel, data), name=rel, output=rel)
             else:
-                yield Record(str(path), data, label, payload=(out_rel, None), name=rel)
+                yield Record(str(path), data, label, payload=(out_rel, None), name=rel, output=out_rel)
 
     def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
         for record, protected in records:
@@ -243,7 +271,8 @@ class _ManifestFormat(ExportFormat):
             except OSError as exc:
                 yield Record(f"{key} ({path})", None, label, caption, error=f"cannot be read ({exc.strerror or exc})")
                 continue
-            yield Record(f"{key} ({path})", data, label, caption, payload=(row, out), name=f"{self.source.name}:row {row_number}")
+            yield Record(f"{key} ({path})", data, label, caption, payload=(row, out), name=f"{self.source.name}:row {row_number}",
+                         output=out)
 
     def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
         rows = []
@@ -370,6 +399,7 @@ class TarFormat(ExportFormat):
     protected (renamed to the output suffix); the other members are copied unchanged."""
 
     name = "tar"
+    label_origin = ".cls members"
 
     def units(self, unit_size: int) -> Iterator[Unit]:
         # A unit is a byte range of one shard (from the header of its first sample to that of
@@ -423,9 +453,11 @@ class TarFormat(ExportFormat):
                 for info in members:
                     handle.seek(info.offset_data)
                     contents.append(handle.read(info.size))
-                yield self._record(name, f"{Path(path).name}:{key}", tuple(members), contents)
+                yield self._record(name, f"{Path(path).name}:{key}", unit.output, tuple(members), contents)
 
-    def _record(self, name: str, stable_name: str, members: tuple[tarfile.TarInfo, ...], contents: list[bytes]) -> Record:
+    def _record(
+        self, name: str, stable_name: str, output: str, members: tuple[tarfile.TarInfo, ...], contents: list[bytes]
+    ) -> Record:
         images = [i for i, info in enumerate(members) if _is_image_name(info.name)]
         label = caption = None
         for info, data in zip(members, contents):
@@ -438,7 +470,9 @@ class TarFormat(ExportFormat):
         if len(images) > 1:
             names = ", ".join(members[i].name for i in images)
             return Record(name, None, label, caption, error=f"sample has {len(images)} image members ({names}); one per sample is supported")
-        return Record(name, contents[images[0]] if images else None, label, caption, payload=payload, name=stable_name)
+        renamed = str(PurePosixPath(members[images[0]].name).with_suffix(self.image_suffix)) if images else ""
+        return Record(name, contents[images[0]] if images else None, label, caption, payload=payload, name=stable_name,
+                      output=f"{output}:{renamed}")
 
     def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
         with atomic_open(part, "wb") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as out:
@@ -487,6 +521,7 @@ class ZipFormat(ExportFormat):
     copied unchanged. Images inside first-level folders take the folder name as label."""
 
     name = "zip"
+    label_origin = "folders"
 
     def units(self, unit_size: int) -> Iterator[Unit]:
         shards = _shards(self.source, ".zip")
@@ -528,7 +563,8 @@ class ZipFormat(ExportFormat):
                 except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
                     yield Record(name, None, label, error=f"cannot be read from the archive ({exc})")
                     continue
-                yield Record(name, data if out else None, label, payload=(info, out, data), name=f"{Path(path).name}:{info.filename}")
+                yield Record(name, data if out else None, label, payload=(info, out, data), name=f"{Path(path).name}:{info.filename}",
+                             output=f"{unit.output}:{out or info.filename}")
 
     def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
         with atomic_open(part, "wb") as handle, zipfile.ZipFile(handle, "w") as out:
@@ -601,7 +637,8 @@ class ParquetFormat(ExportFormat):
             if not isinstance(data, (bytes, bytearray)):
                 yield Record(name, None, label, caption, error=f"no image bytes in column {self.columns.image!r}")
                 continue
-            yield Record(name, bytes(data), label, caption, payload=row, name=f"{Path(path).name}:row {first_row + offset}")
+            yield Record(name, bytes(data), label, caption, payload=row, name=f"{Path(path).name}:row {first_row + offset}",
+                         output=f"{unit.output}:row {first_row + offset}")
 
     def _protected_row(self, row: dict[str, Any], protected: bytes) -> dict[str, Any]:
         cell = row[self.columns.image]
@@ -660,10 +697,12 @@ def detect_format(source: Path) -> str:
     return "imagefolder"
 
 
-def open_format(name: str, source: Path, columns: ColumnOptions, image_suffix: str) -> ExportFormat:
+def open_format(
+    name: str, source: Path, columns: ColumnOptions, image_suffix: str, *, keep_other_files: bool = True
+) -> ExportFormat:
     if name not in FORMATS:
         raise FormatError(f"unknown input format {name!r}; choose one of {', '.join(FORMATS)}")
-    return FORMATS[name](source, columns, image_suffix)
+    return FORMATS[name](source, columns, image_suffix, keep_other_files=keep_other_files)
 
 
 def remove_stale_temporaries(folder: Path) -> int:

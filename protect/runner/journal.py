@@ -1,4 +1,4 @@
-"""The progress journal of a batch job: one JSON line per event, appended and synced to disk.
+"""The progress journal of a job: one JSON line per event, appended and synced to disk.
 
 A killed job leaves at worst a torn last line, which is ignored; every unit it lists is
 complete on disk, because a unit is journalled only after its part was renamed into place.
@@ -15,9 +15,10 @@ from typing import Any
 
 @dataclass
 class JournalState:
-    """What the journal says was done: the job's settings, finished units, joined outputs."""
+    """What the journal says was done: the job's settings, its fit, finished units, joined outputs."""
 
     header: dict[str, Any] | None = None
+    fit: dict[str, Any] = field(default_factory=dict)
     units: dict[int, dict[str, Any]] = field(default_factory=dict)
     joined: set[str] = field(default_factory=set)
     complete: bool = False
@@ -40,6 +41,8 @@ class Journal:
                 kind = event.get("kind")
                 if kind == "start":
                     state.header = event["settings"]
+                elif kind == "fit":
+                    state.fit = event["record"]
                 elif kind == "unit":
                     state.units[event["unit"]] = event
                 elif kind == "joined":
@@ -58,6 +61,9 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("", encoding="utf-8")
         self.append({"kind": "start", "settings": settings})
+
+    def fitted(self, record: dict[str, Any]) -> None:
+        self.append({"kind": "fit", "record": record})
 
     def unit_done(self, result: dict[str, Any]) -> None:
         self.append({"kind": "unit", **result})

@@ -14,8 +14,8 @@ import pickle
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterable
 
-from protect.batch.formats import Unit
-from protect.batch.unit import JobSpec, process_unit
+from protect.runner.formats import Unit
+from protect.runner.unit import JobSpec, process_unit
 
 ENGINES = ("local", "ray")
 OnResult = Callable[[dict[str, Any]], None]

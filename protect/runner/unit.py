@@ -2,30 +2,42 @@
 
 This is what every engine runs, in the driver process, a local worker process or a Ray task.
 It only needs the picklable :class:`JobSpec` and :class:`Unit`, so it behaves identically
-wherever it runs: the seed of a unit depends only on the job seed and the unit's position.
+wherever it runs: the seed of a unit's own fit depends only on the job seed and the unit's
+position.
+
+Where a record's noise comes from is decided by the job's fit (see :mod:`protect.runner.job`):
+
+- a fit of the whole source (``fit_index``): the record's row and label in that fit, found by
+  its name (and refused when its bytes changed since the fit);
+- a protector fitted once for the job, or saved earlier (``protector``): class-wise noise by
+  the record's label, or noise that covers any image;
+- otherwise the unit fits its own noise on its own images (sample-wise methods in exports).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from protect.batch.formats import ColumnOptions, ExportFormat, Record, Unit, open_format
 from protect.budget import apply_perturbation_uint8
-from protect.cluster import pseudo_labels
 from protect.config import ConfigError
 from protect.generator import Batch, Generator, bounded_perturbation, create_generator, resolve_config
 from protect.images import OUTPUT_FORMATS, ImageReadError, LoadedImage, decode_image, encode_image
-from protect.pipeline import to_image_size, working_tensor
+from protect.metrics import psnr, ssim
 from protect.protector import PROTECTOR_TENSORS
+from protect.runner.formats import ColumnOptions, ExportFormat, Record, Unit, open_format
+from protect.runner.labels import labels_for_fit
+from protect.scale import to_image_size, working_tensor
 
 # Images decoded at full resolution at a time: bounds a worker's memory whatever the unit size.
 CHUNK_IMAGES = 32
@@ -35,8 +47,11 @@ CHUNK_IMAGES = 32
 class JobSpec:
     """Everything a worker needs to protect any unit of the job (picklable, no open handles).
 
-    ``protector`` is a folder holding a protector fitted once for the whole job (None: each unit
-    fits its own noise); ``classes`` are the label names that protector was fitted with."""
+    ``protector`` is a folder holding a generator fitted once for the whole job (None: each
+    unit fits its own noise); ``classes`` are the label names that protector was fitted with;
+    ``fit_index`` is the JSON file listing the images of a whole-source fit (their rows and
+    labels). ``threads``: torch threads while a unit runs (1 makes a unit's bytes the same in
+    the driver, a local worker or a Ray task; None keeps the process's setting)."""
 
     format: str
     source: str
@@ -49,11 +64,17 @@ class JobSpec:
     device: str
     image_format: str
     max_pixels: int
+    keep_other_files: bool = True
+    threads: int | None = 1
     protector: str | None = None
     classes: tuple[str, ...] | None = None
+    fit_index: str | None = None
 
     def open_format(self) -> ExportFormat:
-        return open_format(self.format, Path(self.source), self.columns, OUTPUT_FORMATS[self.image_format][1])
+        return open_format(
+            self.format, Path(self.source), self.columns, OUTPUT_FORMATS[self.image_format][1],
+            keep_other_files=self.keep_other_files,
+        )
 
     def part_path(self, unit: Unit) -> Path:
         return Path(self.parts_dir) / f"{unit.index:08d}.part"
@@ -64,7 +85,11 @@ class _Tally:
     written: int = 0
     copied: int = 0
     max_levels: int = 0
+    psnr_sum: float = 0.0
+    ssim_sum: float = 0.0
     failed: list[list[str]] = field(default_factory=list)
+    notes: list[list[str]] = field(default_factory=list)
+    entries: list[dict[str, Any]] = field(default_factory=list)
 
     def fail(self, key: str, reason: str) -> None:
         self.failed.append([key, reason])
@@ -82,44 +107,77 @@ def new_generator(job: JobSpec, seed: int) -> Generator:
 
 
 # ----------------------------------------------------------------------------------------------
-# protectors fitted once and reused
+# fits made once for the job
 
 
 _LOADED: dict[str, Generator] = {}
 
 
+def _protector_key(job: JobSpec) -> str:
+    return f"{job.protector}:{job.method}:{job.seed}:{job.device}"
+
+
+def remember_protector(job: JobSpec, generator: Generator) -> None:
+    """Hand the driver's fitted generator to units run in this process (no reload from disk)."""
+    _LOADED.clear()
+    _LOADED[_protector_key(job)] = generator
+
+
 def _loaded_protector(job: JobSpec) -> Generator:
     """The job's protector, loaded once per worker process."""
-    key = f"{job.protector}:{job.method}:{job.seed}:{job.device}"
+    key = _protector_key(job)
     if key not in _LOADED:
         generator = new_generator(job, job.seed)
         generator.load_state_dict(load_file(str(Path(job.protector) / PROTECTOR_TENSORS)))
-        _LOADED.clear()
-        _LOADED[key] = generator
+        remember_protector(job, generator)
     return _LOADED[key]
 
 
+@lru_cache(maxsize=1)
+def read_fit_index(path: str) -> dict[str, Any]:
+    """The images of a whole-source fit: ``rows`` {name: [row, sha256]}, ``labels`` (one per
+    row, or None) and ``pseudo`` (whether those are k-means pseudo-labels)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 # ----------------------------------------------------------------------------------------------
-# labels
+# where a record's noise comes from: (row in the fit, label), or ValueError with the reason
+
+Placement = Callable[[Record, LoadedImage], tuple[int, int | None]]
 
 
-def label_tensor(names: list[str | None], classes: list[str]) -> torch.Tensor:
+def _placement_in_fit(job: JobSpec) -> tuple[Placement, bool]:
+    index = read_fit_index(job.fit_index)
+    rows, labels = index["rows"], index["labels"]
+
+    def place(record: Record, image: LoadedImage) -> tuple[int, int | None]:
+        if record.name not in rows:
+            raise ValueError("was not readable when the noise was fitted; rerun with --overwrite to protect it")
+        row, digest = rows[record.name]
+        if digest != image.sha256:
+            raise ValueError("changed since the noise was fitted; rerun with --overwrite to protect the new version")
+        return row, None if labels is None else labels[row]
+
+    return place, index["pseudo"]
+
+
+def _placement_by_class(job: JobSpec) -> Placement:
+    classes = list(job.classes or ())
     index = {name: i for i, name in enumerate(classes)}
-    return torch.tensor([index[name] for name in names], dtype=torch.long)
+    counter = iter(range(1 << 62))
 
+    def place(record: Record, image: LoadedImage) -> tuple[int, int | None]:
+        row = next(counter)
+        if not classes:
+            return row, None
+        if record.label is None:
+            raise ValueError(f"no label, and {job.method} noise is fitted per class ({len(classes)} classes)")
+        if record.label not in index:
+            shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+            raise ValueError(f"label {record.label!r} is not one of the classes the protector was fitted on ({shown})")
+        return row, index[record.label]
 
-def _fit_labels(generator: Generator, images: torch.Tensor, names: list[str | None]) -> torch.Tensor | None:
-    """Labels for a unit's own fit: its records' labels when it has two classes or more;
-    otherwise, for a method that needs labels, k-means pseudo-labels on surrogate features."""
-    present = sorted({n for n in names if n is not None})
-    if len(present) >= 2 and None not in names:
-        return label_tensor(names, present)
-    if not generator.needs_labels:
-        return None
-    k = min(generator.config.pseudo_label_k, len(images))
-    if k < 2:
-        return torch.zeros(len(images), dtype=torch.long)
-    return pseudo_labels(images, k, surrogate=generator.config.surrogate, device=generator.device, seed=generator.seed)
+    return place
 
 
 def decoded_records(records: Iterable[Record], job: JobSpec) -> Iterator[tuple[Record, LoadedImage | None, str | None]]:
@@ -142,12 +200,12 @@ def decoded_records(records: Iterable[Record], job: JobSpec) -> Iterator[tuple[R
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def _threads(count: int) -> Iterator[None]:
     # Float results of the fits can depend on torch's thread count; one thread per unit makes a
     # unit's bytes the same in the driver, a local worker or a Ray task (and one unit per core is
     # how the engines use the machine anyway).
     saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
@@ -156,7 +214,7 @@ def _one_thread() -> Iterator[None]:
 
 def process_unit(job: JobSpec, unit: Unit) -> dict[str, Any]:
     """Protect ``unit`` and write its part; returns the journal record of the unit."""
-    with _one_thread():
+    with _threads(job.threads) if job.threads else nullcontext():
         return _process_unit(job, unit)
 
 
@@ -164,12 +222,15 @@ def _process_unit(job: JobSpec, unit: Unit) -> dict[str, Any]:
     started = time.perf_counter()
     fmt = job.open_format()
     tally = _Tally()
-    if job.protector is not None:
+    pseudo = False
+    if job.fit_index is not None:
         generator = _loaded_protector(job)
-        label_of = _label_from_classes(job)
+        place, pseudo = _placement_in_fit(job)
+    elif job.protector is not None:
+        generator, place = _loaded_protector(job), _placement_by_class(job)
     else:
-        generator, label_of = _fit_unit(job, unit, fmt)
-    records = _protect_records(fmt.read(unit), generator, label_of, job, tally)
+        generator, place, pseudo = _fit_unit(job, unit, fmt)
+    records = _protect_records(fmt.read(unit), generator, place, pseudo, job, tally)
     fmt.write_part(unit, records, job.part_path(unit), Path(job.dest))
     return {
         "unit": unit.index,
@@ -178,32 +239,16 @@ def _process_unit(job: JobSpec, unit: Unit) -> dict[str, Any]:
         "written": tally.written,
         "copied": tally.copied,
         "failed": tally.failed,
+        "notes": tally.notes,
         "max_levels": tally.max_levels,
+        "psnr_sum": tally.psnr_sum,
+        "ssim_sum": tally.ssim_sum,
+        "manifest": tally.entries,
         "seconds": round(time.perf_counter() - started, 3),
     }
 
 
-LabelOf = Callable[[Record, int], Optional[int]]
-
-
-def _label_from_classes(job: JobSpec) -> LabelOf:
-    classes = list(job.classes or ())
-    index = {name: i for i, name in enumerate(classes)}
-
-    def label_of(record: Record, position: int) -> int | None:
-        if not classes:
-            return None
-        if record.label is None:
-            raise ValueError(f"no label, and {job.method} noise is fitted per class ({len(classes)} classes)")
-        if record.label not in index:
-            shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
-            raise ValueError(f"label {record.label!r} is not one of the classes the protector was fitted on ({shown})")
-        return index[record.label]
-
-    return label_of
-
-
-def _fit_unit(job: JobSpec, unit: Unit, fmt: ExportFormat) -> tuple[Generator, LabelOf]:
+def _fit_unit(job: JobSpec, unit: Unit, fmt: ExportFormat) -> tuple[Generator, Placement, bool]:
     """Fit a fresh generator on the unit's own images (sample-wise methods optimise shard by shard)."""
     generator = new_generator(job, unit_seed(job.seed, unit.index))
     small, names = [], []
@@ -211,36 +256,40 @@ def _fit_unit(job: JobSpec, unit: Unit, fmt: ExportFormat) -> tuple[Generator, L
         if image is not None and problem is None:
             small.append(working_tensor(image, generator.config.resolution))
             names.append(record.label)
+    counter = iter(range(1 << 62))
     if not small:
-        return generator, lambda record, position: None
+        return generator, lambda record, image: (next(counter), None), False
     images = torch.stack(small)
-    labels = _fit_labels(generator, images, names)
-    generator.fit(images, labels)
+    fit = labels_for_fit(names, images, generator)
+    generator.fit(images, fit.labels)
 
-    def label_of(record: Record, position: int) -> int | None:
-        return None if labels is None else int(labels[position])
+    def place(record: Record, image: LoadedImage) -> tuple[int, int | None]:
+        row = next(counter)
+        return row, None if fit.labels is None else int(fit.labels[row])
 
-    return generator, label_of
+    return generator, place, fit.pseudo
+
+
+_Pending = tuple[Record, LoadedImage | None, int | None, int]
 
 
 def _protect_records(
-    records: Iterable[Record], generator: Generator, label_of: LabelOf, job: JobSpec, tally: _Tally
+    records: Iterable[Record], generator: Generator, place: Placement, pseudo: bool, job: JobSpec, tally: _Tally
 ) -> Iterator[tuple[Record, bytes | None]]:
     """The records in order, each with its protected image bytes (None when it has no image or
     failed), decoding at most :data:`CHUNK_IMAGES` images at a time."""
-    pending: list[tuple[Record, LoadedImage | None, int | None, int]] = []
+    pending: list[_Pending] = []
     images_pending = 0
-    position = 0
     for record, image, problem in decoded_records(records, job):
         if problem is None and image is not None:
             try:
-                label = label_of(record, position)
+                row, label = place(record, image)
             except ValueError as exc:
                 problem, image = str(exc), None
             else:
-                pending.append((record, image, label, position))
-                position += 1
+                pending.append((record, image, label, row))
                 images_pending += 1
+                tally.notes.extend([record.key, note] for note in image.notes)
         if problem is not None:
             tally.fail(record.key, problem)
             pending.append((record, None, None, -1))
@@ -248,19 +297,19 @@ def _protect_records(
             tally.copied += 1
             pending.append((record, None, None, -1))
         if images_pending >= CHUNK_IMAGES:
-            yield from _protect_chunk(pending, generator, job, tally)
+            yield from _protect_chunk(pending, generator, pseudo, job, tally)
             pending, images_pending = [], 0
-    yield from _protect_chunk(pending, generator, job, tally)
+    yield from _protect_chunk(pending, generator, pseudo, job, tally)
 
 
-def _records_batch(todo: list[tuple[Record, LoadedImage, int | None, int]], generator: Generator) -> Batch:
+def _records_batch(todo: list[_Pending], generator: Generator) -> Batch:
     resolution, device = generator.config.resolution, generator.device
     labels = [label for _, _, label, _ in todo]
     records = [record for record, *_ in todo]
     return Batch(
         images=torch.stack([working_tensor(image, resolution) for _, image, _, _ in todo]).float().div(255).to(device),
         labels=None if labels[0] is None else torch.tensor(labels, dtype=torch.long, device=device),
-        indices=torch.tensor([position for *_, position in todo], dtype=torch.long, device=device),
+        indices=torch.tensor([row for *_, row in todo], dtype=torch.long, device=device),
         paths=[record.name or record.key for record in records],
         class_names=[record.label for record in records],
         captions=[record.caption for record in records],
@@ -268,16 +317,14 @@ def _records_batch(todo: list[tuple[Record, LoadedImage, int | None, int]], gene
 
 
 @torch.no_grad()
-def _chunk_perturbations(
-    todo: list[tuple[Record, LoadedImage, int | None, int]], generator: Generator, tally: _Tally
-) -> dict[int, torch.Tensor]:
-    """Bounded perturbations by position. A record the method refuses (e.g. no caption for a
+def _chunk_perturbations(todo: list[_Pending], generator: Generator, tally: _Tally) -> dict[int, torch.Tensor]:
+    """Bounded perturbations by row. A record the method refuses (e.g. no caption for a
     text-driven method) is failed by name and the others are still done."""
     if not todo:
         return {}
     try:
         bounded = bounded_perturbation(generator, _records_batch(todo, generator)).cpu()
-        return {position: delta for (*_, position), delta in zip(todo, bounded)}
+        return {row: delta for (*_, row), delta in zip(todo, bounded)}
     except ConfigError as exc:
         if len(todo) == 1:
             tally.fail(todo[0][0].key, str(exc))
@@ -289,16 +336,34 @@ def _chunk_perturbations(
 
 
 def _protect_chunk(
-    pending: list[tuple[Record, LoadedImage | None, int | None, int]], generator: Generator, job: JobSpec, tally: _Tally
+    pending: list[_Pending], generator: Generator, pseudo: bool, job: JobSpec, tally: _Tally
 ) -> Iterator[tuple[Record, bytes | None]]:
-    todo = [(record, image, label, position) for record, image, label, position in pending if image is not None]
+    todo = [item for item in pending if item[1] is not None]
     deltas = _chunk_perturbations(todo, generator, tally)
-    for record, image, _, position in pending:
-        if image is None or position not in deltas:
+    eps = generator.config.eps
+    for record, image, label, row in pending:
+        if image is None or row not in deltas:
             yield record, None
             continue
         width, height = image.size
-        protected = apply_perturbation_uint8(image.rgb, to_image_size(deltas[position], width, height), generator.config.eps)
+        protected = apply_perturbation_uint8(image.rgb, to_image_size(deltas[row], width, height), eps)
+        encoded = encode_image(protected, image.alpha, job.image_format, image.icc_profile)
         tally.written += 1
         tally.max_levels = max(tally.max_levels, int(np.abs(protected.astype(np.int16) - image.rgb).max(initial=0)))
-        yield record, encode_image(protected, image.alpha, job.image_format, image.icc_profile)
+        tally.psnr_sum += psnr(image.rgb, protected)
+        tally.ssim_sum += ssim(image.rgb, protected)
+        entry: dict[str, Any] = {
+            "input": record.name or record.key,
+            "output": record.output,
+            "input_sha256": image.sha256,
+            "output_sha256": hashlib.sha256(encoded).hexdigest(),
+            "label": record.label,
+            "method": job.method,
+            "eps": eps,
+            "seed": job.seed,
+            "size": [width, height],
+        }
+        if pseudo and label is not None:
+            entry["pseudo_label"] = label
+        tally.entries.append(entry)
+        yield record, encoded

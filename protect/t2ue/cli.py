@@ -10,29 +10,26 @@ import numpy as np
 import typer
 from PIL import Image
 
+from protect import console
 from protect.budget import apply_perturbation_uint8, budget_in_levels
-from protect.clip import ClipWeightsNotFound
-from protect.config import CONFIG_DIR, ConfigError, build_config, parse_overrides, read_yaml
+from protect.config import ConfigError, build_config, parse_overrides, read_default_config, read_yaml
 from protect.images import ImageReadError, load_image, save_image_atomic
-from protect.pipeline import to_image_size
-from protect.t2ue import T2UEError, T2UETrainConfig, code_for, load_generator, noise_from_text, pairs_from_file, pairs_from_folder, train_generator
+from protect.models.clip import ClipWeightsNotFound
+from protect.scale import to_image_size
+from protect.t2ue.data import pairs_from_file, pairs_from_folder
+from protect.t2ue.network import T2UEError, code_for, load_generator, noise_from_text
+from protect.t2ue.training import T2UETrainConfig, train_generator
 
 app = typer.Typer(help="T2UE: protective noise from a text description alone (Ma et al., arXiv:2508.03091).",
                   no_args_is_help=True, add_completion=False)
-TRAIN_DEFAULTS = CONFIG_DIR / "t2ue-train.yaml"
+TRAIN_DEFAULTS = "t2ue-train.yaml"
 # Noise files store each level as 128 + level in an 8-bit PNG (lossless; budgets up to 127/255).
 NOISE_OFFSET = 128
 
 
-def _cli():  # the main CLI imports this module, so its helpers are imported when called
-    from protect import cli
-
-    return cli
-
-
 def train_config(config_file: Optional[Path], overrides: dict) -> T2UETrainConfig:
     """Defaults < configs/t2ue-train.yaml < --config < --set."""
-    layers = [(str(TRAIN_DEFAULTS), read_yaml(TRAIN_DEFAULTS))]
+    layers = [read_default_config(TRAIN_DEFAULTS)]
     if config_file is not None:
         layers.append((str(config_file), read_yaml(config_file)))
     layers.append(("--set", overrides))
@@ -54,8 +51,7 @@ def train(
 
     Rerun the same command after an interruption: it resumes from the last finished epoch.
     """
-    cli = _cli()
-    torch_device = cli.resolve_device(device)
+    torch_device = console.resolve_device(device)
     try:
         cfg = train_config(config, parse_overrides(set_))
         if data.is_dir():
@@ -63,14 +59,14 @@ def train(
         else:
             pairs = pairs_from_file(data, cfg.resolution)
     except (ConfigError, T2UEError, ImageReadError) as exc:
-        raise cli.fail(str(exc)) from None
-    with cli.progress_display() as progress:
+        raise console.fail(str(exc)) from None
+    with console.progress_display() as progress:
         try:
-            summary = train_generator(pairs, cfg, out_dir, device=torch_device, seed=seed, reporter=cli.RichReporter(progress))
+            summary = train_generator(pairs, cfg, out_dir, device=torch_device, seed=seed, reporter=console.RichReporter(progress))
         except (T2UEError, ClipWeightsNotFound, ValueError) as exc:
-            raise cli.fail(str(exc)) from None
+            raise console.fail(str(exc)) from None
     losses = summary.epoch_losses
-    cli.out.print(f"generator: {summary.generator} ({len(pairs)} pairs, {len(pairs.texts)} captions, {summary.seconds:.1f} s); "
+    console.out.print(f"generator: {summary.generator} ({len(pairs)} pairs, {len(pairs.texts)} captions, {summary.seconds:.1f} s); "
                   f"InfoNCE first epoch {losses[0]:.4f}, last {losses[-1]:.4f}", highlight=False)
 
 
@@ -78,9 +74,9 @@ def _parse_size(size: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in size.lower().split("x"))
     except ValueError:
-        raise _cli().fail(f"--size is WIDTHxHEIGHT, e.g. 640x480; got {size!r}") from None
+        raise console.fail(f"--size is WIDTHxHEIGHT, e.g. 640x480; got {size!r}") from None
     if width < 1 or height < 1:
-        raise _cli().fail(f"--size must be positive; got {size!r}")
+        raise console.fail(f"--size must be positive; got {size!r}")
     return width, height
 
 
@@ -96,16 +92,15 @@ def noise(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
 ) -> None:
     """Write the protective noise for TEXT alone: no image is read. Add it with `protect t2ue apply`."""
-    cli = _cli()
     width, height = _parse_size(size)
     try:
-        loaded = load_generator(generator, clip_weights=clip_weights, device=cli.resolve_device(device), clip_option="--clip-weights")
+        loaded = load_generator(generator, clip_weights=clip_weights, device=console.resolve_device(device), clip_option="--clip-weights")
     except (T2UEError, ClipWeightsNotFound, ValueError) as exc:
-        raise cli.fail(str(exc)) from None
+        raise console.fail(str(exc)) from None
     delta = noise_from_text(loaded, [text], code_for(text, seed, loaded.net.spec.z_dim)[None])[0]
     levels = np.rint(to_image_size(delta, width, height) * 255).clip(-budget_in_levels(loaded.eps), budget_in_levels(loaded.eps))
     save_image_atomic(out, (levels + NOISE_OFFSET).astype(np.uint8), None, "png")
-    cli.out.print(f"noise for {text!r}: {out} ({width}x{height}, at most {budget_in_levels(loaded.eps)}/255)", highlight=False)
+    console.out.print(f"noise for {text!r}: {out} ({width}x{height}, at most {budget_in_levels(loaded.eps)}/255)", highlight=False)
 
 
 @app.command()
@@ -116,21 +111,20 @@ def apply(
     eps: str = typer.Option("8/255", "--eps", help="The budget the noise was made for; larger levels are refused."),
 ) -> None:
     """Add a noise PNG to an image: out = clip(image + noise, 0, 255), within the budget."""
-    cli = _cli()
-    eps_value = cli._parse_eps(eps)
+    eps_value = console.parse_eps(eps)
     if out.resolve() == image.resolve():
-        raise cli.fail("the output would replace the original image; choose another path")
+        raise console.fail("the output would replace the original image; choose another path")
     try:
         original = load_image(image)
         stored = load_image(noise_file).rgb.astype(np.int16) - NOISE_OFFSET
     except ImageReadError as exc:
-        raise cli.fail(f"{exc.path}: {exc.reason}") from None
+        raise console.fail(f"{exc.path}: {exc.reason}") from None
     if np.abs(stored).max() > budget_in_levels(eps_value):
-        raise cli.fail(f"{noise_file} has levels up to {np.abs(stored).max()}, more than --eps {eps} allows")
+        raise console.fail(f"{noise_file} has levels up to {np.abs(stored).max()}, more than --eps {eps} allows")
     width, height = original.size
     if stored.shape[:2] != (height, width):
         resized = Image.fromarray((stored + NOISE_OFFSET).astype(np.uint8)).resize((width, height), Image.Resampling.NEAREST)
         stored = np.asarray(resized).astype(np.int16) - NOISE_OFFSET
     protected = apply_perturbation_uint8(original.rgb, stored.astype(np.float32) / 255, eps_value)
     save_image_atomic(out, protected, original.alpha, "png", original.icc_profile)
-    cli.out.print(f"protected copy: {out} (max change {int(np.abs(protected.astype(np.int16) - original.rgb).max())}/255)", highlight=False)
+    console.out.print(f"protected copy: {out} (max change {int(np.abs(protected.astype(np.int16) - original.rgb).max())}/255)", highlight=False)

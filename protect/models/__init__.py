@@ -1,0 +1,7 @@
+"""Models: image classifiers (surrogates and victims, :mod:`protect.models.classifiers`) and
+CLIP encoders (:mod:`protect.models.clip`). Methods and the attack suite build every network
+here; nothing in this package knows about noise methods or jobs."""
+
+from protect.models.classifiers import CLASSIFIERS, Normalize, build_classifier
+
+__all__ = ["CLASSIFIERS", "Normalize", "build_classifier"]
