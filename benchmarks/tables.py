@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from protect.precision import resolved_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES_DIR = ROOT / "benchmarks" / "results" / "tables"
+NAME_PATTERN = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 
 
 def machine(device: torch.device | str = "cpu", precision: str = "auto") -> str:
@@ -48,11 +50,19 @@ def write_table(
     hardware: str | None = None,
     notes: str = "",
     section: str = "",
+    measured: str | None = None,
+    commit: str | None = None,
+    directory: Path | None = None,
 ) -> Path:
     """Store one measured table as ``benchmarks/results/tables/NAME.json`` (replacing an older one).
 
     rows: one list per row, in column order; numbers are kept as given (round them where they are
-    computed). section: the docs heading the table belongs under (default: the protocol)."""
+    computed). section: the docs heading the table belongs under (default: the protocol).
+    measured, commit: when and at which commit it was measured, for a table not measured just now
+    from this checkout (default: today's date and the current commit). directory: where to store it
+    (default: benchmarks/results/tables)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"table name {name!r}: use lowercase letters, digits and '-' (it names the file and the docs anchor)")
     for row in rows:
         if len(row) != len(columns):
             raise ValueError(f"table {name}: row {row!r} has {len(row)} cells for {len(columns)} columns")
@@ -63,14 +73,15 @@ def write_table(
         "command": command,
         "protocol": protocol,
         "hardware": hardware or machine(),
-        "measured": datetime.date.today().isoformat(),
-        "commit": _commit(),
+        "measured": measured or datetime.date.today().isoformat(),
+        "commit": commit or _commit(),
         "columns": columns,
         "rows": rows,
         "notes": notes,
     }
-    TABLES_DIR.mkdir(parents=True, exist_ok=True)
-    path = TABLES_DIR / f"{name}.json"
+    directory = directory or TABLES_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
@@ -84,12 +95,17 @@ def read_tables(directory: Path = TABLES_DIR) -> list[dict[str, Any]]:
 
 
 def markdown(table: dict[str, Any]) -> str:
-    """One stored table as Markdown: title, the table, then where it came from."""
-    lines = [f"### {table['title']}", "", "| " + " | ".join(table["columns"]) + " |",
+    """One stored table as Markdown: an anchor named like the table (so pages can link to
+    ``results.md#NAME``), its title, the table, then where it came from."""
+    lines = [f'<a id="{table["name"]}"></a>', "", f"### {table['title']}", "", "| " + " | ".join(table["columns"]) + " |",
              "|" + "---|" * len(table["columns"])]
-    lines += ["| " + " | ".join("–" if cell is None else str(cell) for cell in row) + " |" for row in table["rows"]]
-    lines += ["", f"Command: `{table['command']}`. Protocol {table['protocol']}; {table['hardware']}; "
-              f"measured {table['measured']}" + (f" at commit {table['commit']}" if table.get("commit") else "") + "."]
+    lines += ["| " + " | ".join(_cell_text(cell) for cell in row) + " |" for row in table["rows"]]
+    lines += ["", f"Command: `{table['command']}`. Protocol: {table['protocol']}. Hardware: {table['hardware']}. "
+              f"Measured {table['measured']}" + (f" (commit {table['commit']})" if table.get("commit") else "") + "."]
     if table.get("notes"):
         lines += ["", table["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _cell_text(cell: Any) -> str:
+    return "–" if cell is None else str(cell).replace("|", "\\|")
