@@ -7,7 +7,8 @@ larger N, classes interleaved so every shard holds all ten). An em-classwise
 protector is fitted once on a small sample beforehand, so each timed run is the apply phase
 alone: read, decode, perturb, check the budget, encode PNG, write the shards. Every (N, engine)
 run is a fresh process; its peak memory is sampled over the whole process tree (driver, local
-workers, Ray's processes) and for the driver alone, Linux /proc only.
+workers, Ray's processes) and for the driver alone, Linux /proc only. The table is printed and
+stored for docs/results.md (benchmarks/results/tables/<--table>.json).
 
     python benchmarks/batch_throughput.py                          # N = 10k, 50k, 100k
     python benchmarks/batch_throughput.py --sizes 2000 --workers 2 # a quick check
@@ -28,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from tables import write_table  # noqa: E402
+
 CIFAR_TRAIN = ROOT.parent / "shared" / "data" / "cifar10" / "train"
 SHARD_SIZE = 5000
 FIT_OVERRIDES = {"batch_size": 100, "step_size": "2/255", "max_rounds": 5}
@@ -163,6 +167,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--unit-size", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path("/tmp/protect-batch-bench"))
+    parser.add_argument("--table", help="name of the stored table (default: batch-throughput-EXPORTS-ENGINES)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dest", type=Path, help=argparse.SUPPRESS)
@@ -190,12 +195,28 @@ def main() -> None:
                 rate = result["written"] / result["apply_seconds"]
                 rows.append((export, n, engine, result["written"], rate, peak / 2**20, driver / 2**20))
                 print(f"done {export} N={n} {engine}", file=sys.stderr, flush=True)
+    columns = ["export", "N", "engine", "written", "images/s", "peak RSS, all processes (MiB)", "peak RSS, driver (MiB)"]
+    table_rows = [[export, f"{n:,}", engine, f"{written:,}", f"{rate:,.0f}", f"{peak:,.0f}", f"{driver:,.0f}"]
+                  for export, n, engine, written, rate, peak, driver in rows]
     print(f"\napply phase, em-classwise with a saved protector, {args.workers} workers, units of {args.unit_size}\n")
-    print("| export | N | engine | written | images/s | peak RSS, all processes (MiB) | peak RSS, driver (MiB) |")
+    print("| " + " | ".join(columns) + " |")
     print("|---|---:|---|---:|---:|---:|---:|")
-    for export, n, engine, written, rate, peak, driver in rows:
-        print(f"| {export} | {n:,} | {engine} | {written:,} | {rate:,.0f} | {peak:,.0f} | {driver:,.0f} |")
-
+    for cells in table_rows:
+        print("| " + " | ".join(cells) + " |")
+    write_table(
+        args.table or "batch-throughput-" + "-".join(args.exports + args.engines),
+        title=f"`protect batch` apply phase: {', '.join(args.exports)} exports, {' and '.join(args.engines)} engine",
+        section="protect batch: throughput and memory",
+        command="python benchmarks/batch_throughput.py " + " ".join(sys.argv[1:]),
+        protocol="CIFAR-10 train images (50,000, replicated to reach N)",
+        columns=columns,
+        rows=table_rows,
+        notes=(f"Apply phase of `protect batch em-classwise` with a saved protector (read, decode, perturb, check the "
+               f"budget, encode PNG, write), {args.workers} workers, units of {args.unit_size} records; tar exports are "
+               f"shards of {SHARD_SIZE:,} 32 x 32 JPEGs, jsonl a manifest naming one file per image. images/s includes "
+               "each engine's start-up. Peak memory is sampled every 0.2 s over every process of the job (driver, "
+               "workers, Ray's processes) and for the driver alone."),
+    )
 
 if __name__ == "__main__":
     main()

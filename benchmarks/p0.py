@@ -2,7 +2,9 @@
 optionally with part of the protected set replaced by the clean originals (``--mix``).
 
 Generation runs through the real CLI (`protect run`) on a folder of the P0 train subset;
-victims train on the written files. Prints a Markdown table and writes JSON next to it.
+victims train on the written files. Prints a Markdown table, writes the raw numbers to
+benchmarks/results/p0/results.json and stores the table for docs/results.md
+(benchmarks/results/tables/<--table>.json).
 
     python benchmarks/p0.py                                  # random, em-classwise, em-samplewise
     python benchmarks/p0.py --methods bayes,em-samplewise,random --mix 0,0.5,0.8 --reuse
@@ -27,6 +29,8 @@ from attacks.train import TrainConfig, train_classifier
 from protect.models import build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from tables import write_table  # noqa: E402
 
 
 def build_subset(source: Path, dest: Path, per_class: int, offset: int = 0) -> Path:
@@ -99,6 +103,7 @@ def main() -> None:
     parser.add_argument("--mix", default="0", help="comma-separated clean fractions, e.g. 0,0.5,0.8")
     parser.add_argument("--reuse", action="store_true", help="reuse a method's protected folder when it exists")
     parser.add_argument("--resnet", action="store_true", help="add the ResNet-18 transfer check (500/class, 8 epochs, 1 seed)")
+    parser.add_argument("--table", default="p0", help="name of the stored table (benchmarks/results/tables/NAME.json)")
     args = parser.parse_args()
 
     cifar = args.shared / "data" / "cifar10"
@@ -146,28 +151,47 @@ def main() -> None:
         results[name] = entry
 
     results_path.write_text(json.dumps({**earlier, **results}, indent=2, default=str))
-    header = "| data | small CNN test acc % (final) | peak % | gen time s | gen img/s | gen peak RSS MiB | PSNR dB | SSIM |"
+    columns = ["data", "small CNN test acc % (final)", "peak %", "generation s", "images/s", "peak RSS MiB", "PSNR dB", "SSIM"]
     if args.resnet:
-        header += " ResNet-18 % |"
-    print(f"\nProtocol P0, {args.seeds} seed(s), {args.epochs} epochs, {torch.get_num_threads()} threads\n")
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+        columns.append("ResNet-18 %")
+    table_rows = []
     for name, entry in results.items():
         gen = entry["generation"] or {}
         cells = [
             name,
             mean_std(entry["final"]),
             mean_std(entry["peak"]),
-            f"{gen['seconds']:.0f}" if gen else "-",
-            f"{gen['images_per_s']:.0f}" if gen else "-",
-            f"{gen['peak_rss_mib']:.0f}" if gen.get("peak_rss_mib") else "-",
-            f"{gen['psnr']:.2f}" if gen else "-",
-            f"{gen['ssim']:.4f}" if gen else "-",
+            f"{gen['seconds']:.0f}" if gen.get("seconds") else None,
+            f"{gen['images_per_s']:.0f}" if gen.get("images_per_s") else None,
+            f"{gen['peak_rss_mib']:.0f}" if gen.get("peak_rss_mib") else None,
+            f"{gen['psnr']:.2f}" if gen else None,
+            f"{gen['ssim']:.4f}" if gen else None,
         ]
         if args.resnet:
-            cells.append(f"{100 * entry['resnet18']['final']:.2f}" if "resnet18" in entry else "-")
-        print("| " + " | ".join(cells) + " |")
-
+            cells.append(f"{100 * entry['resnet18']['final']:.2f}" if "resnet18" in entry else None)
+        table_rows.append(cells)
+    print(f"\nProtocol P0, {args.seeds} seed(s), {args.epochs} epochs, {torch.get_num_threads()} threads\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for cells in table_rows:
+        print("| " + " | ".join("-" if c is None else c for c in cells) + " |")
+    reused = [name for name, entry in results.items() if (entry["generation"] or {}).get("reused")]
+    write_table(
+        args.table,
+        title="Methods against a plain victim" + (" mixed with clean data" if any(mixes) else ""),
+        section="P0: protection against a plain victim",
+        command="python benchmarks/p0.py " + " ".join(sys.argv[1:]),
+        protocol="P0",
+        columns=columns,
+        rows=table_rows,
+        notes=(f"Clean-test accuracy % of the small-CNN victim trained on each folder ({args.epochs} epochs, "
+               f"{args.seeds} seeds, mean ± std; peak: best epoch). \"+ N% clean\": that fraction of the protected "
+               "images replaced by their clean originals. Generation: wall time of `protect run` over the "
+               "10,000 train images, reading and writing the files included; peak RSS of that process; mean "
+               "PSNR and SSIM of the written images against the originals."
+               + (f" Generation figures of {', '.join(reused)} are those recorded when the folder was made (--reuse)."
+                  if reused else "")),
+    )
 
 if __name__ == "__main__":
     main()
