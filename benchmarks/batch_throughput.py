@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from tables import write_table  # noqa: E402
+from tables import command_line, print_markdown_table, write_table  # noqa: E402
 
 CIFAR_TRAIN = ROOT.parent / "shared" / "data" / "cifar10" / "train"
 SHARD_SIZE = 5000
@@ -199,15 +199,12 @@ def main() -> None:
     table_rows = [[export, f"{n:,}", engine, f"{written:,}", f"{rate:,.0f}", f"{peak:,.0f}", f"{driver:,.0f}"]
                   for export, n, engine, written, rate, peak, driver in rows]
     print(f"\napply phase, em-classwise with a saved protector, {args.workers} workers, units of {args.unit_size}\n")
-    print("| " + " | ".join(columns) + " |")
-    print("|---|---:|---|---:|---:|---:|---:|")
-    for cells in table_rows:
-        print("| " + " | ".join(cells) + " |")
+    print_markdown_table(columns, table_rows)
     write_table(
         args.table or "batch-throughput-" + "-".join(args.exports + args.engines),
         title=f"`protect batch` apply phase: {', '.join(args.exports)} exports, {' and '.join(args.engines)} engine",
         section="protect batch: throughput and memory",
-        command="python benchmarks/batch_throughput.py " + " ".join(sys.argv[1:]),
+        command=command_line(),
         protocol="CIFAR-10 train images (50,000, replicated to reach N)",
         columns=columns,
         rows=table_rows,

@@ -30,7 +30,7 @@ from protect.models import build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from tables import write_table  # noqa: E402
+from tables import command_line, print_markdown_table, write_table  # noqa: E402
 
 
 def build_subset(source: Path, dest: Path, per_class: int, offset: int = 0) -> Path:
@@ -171,16 +171,13 @@ def main() -> None:
             cells.append(f"{100 * entry['resnet18']['final']:.2f}" if "resnet18" in entry else None)
         table_rows.append(cells)
     print(f"\nProtocol P0, {args.seeds} seed(s), {args.epochs} epochs, {torch.get_num_threads()} threads\n")
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for cells in table_rows:
-        print("| " + " | ".join("-" if c is None else c for c in cells) + " |")
+    print_markdown_table(columns, table_rows)
     reused = [name for name, entry in results.items() if (entry["generation"] or {}).get("reused")]
     write_table(
         args.table,
         title="Methods against a plain victim" + (" mixed with clean data" if any(mixes) else ""),
         section="P0: protection against a plain victim",
-        command="python benchmarks/p0.py " + " ".join(sys.argv[1:]),
+        command=command_line(),
         protocol="P0",
         columns=columns,
         rows=table_rows,

@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from p0 import build_subset  # noqa: E402
-from tables import write_table  # noqa: E402
+from tables import command_line, print_markdown_table, write_table  # noqa: E402
 
 from attacks.report import summarise  # noqa: E402
 from attacks.verify import Plan, make_plan  # noqa: E402
@@ -95,7 +95,6 @@ def store_tables(args: argparse.Namespace, methods: list[str], options: argparse
     plan = verify_plan(args.preset, options)
     stored = {m: stored_runs(args.work / f"verify-{args.preset}-{m}", plan) for m in methods}
     rows = {m: summarise(stored[m], P0_CHANCE) for m in methods}
-    command = "python benchmarks/p0_verify.py " + " ".join(sys.argv[1:])
     for victim in plan.victims:
         by_method = {m: {r["countermeasure"]: r for r in rows[m] if r["victim"] == victim} for m in methods}
         if not any(by_method.values()):
@@ -122,11 +121,13 @@ def store_tables(args: argparse.Namespace, methods: list[str], options: argparse
         epochs, seeds, per_class = plan.epochs[victim], plan.seeds[victim], plan.per_class.get(victim)
         training = f"{per_class} images per class, " if per_class else ""
         hours = sum(run.get("wall_seconds", run["seconds"]) for run in runs) / 3600
+        print(f"\n{victim}, preset {args.preset}: final clean-test accuracy %\n")
+        print_markdown_table(columns, table_rows)
         write_table(
             f"p0-verify-{args.preset}-{victim}",
             title=f"Verification, `{args.preset}` preset: {VICTIM_TITLES.get(victim, victim)} victim",
             section="P0: verification against countermeasures",
-            command=command,
+            command=command_line(),
             protocol="P0",
             hardware=hardware_of(runs),
             columns=columns,

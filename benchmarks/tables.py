@@ -12,6 +12,7 @@ import datetime
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,18 @@ def write_table(
     return path
 
 
+def command_line() -> str:
+    """How the running benchmark was invoked, e.g. "python benchmarks/p0.py --seeds 1", for ``command``."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script.name
+    return " ".join(["python", str(shown), *sys.argv[1:]])
+
+
+def print_markdown_table(columns: list[str], rows: list[list[Any]]) -> None:
+    """Print a table as Markdown on stdout, as a benchmark shows what it stores."""
+    print("\n".join(_markdown_rows(columns, rows)))
+
+
 def read_tables(directory: Path = TABLES_DIR) -> list[dict[str, Any]]:
     """Every stored table, sorted by section, then name."""
     tables = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(directory.glob("*.json"))]
@@ -97,9 +110,7 @@ def read_tables(directory: Path = TABLES_DIR) -> list[dict[str, Any]]:
 def markdown(table: dict[str, Any]) -> str:
     """One stored table as Markdown: an anchor named like the table (so pages can link to
     ``results.md#NAME``), its title, the table, then where it came from."""
-    lines = [f'<a id="{table["name"]}"></a>', "", f"### {table['title']}", "", "| " + " | ".join(table["columns"]) + " |",
-             "|" + "---|" * len(table["columns"])]
-    lines += ["| " + " | ".join(_cell_text(cell) for cell in row) + " |" for row in table["rows"]]
+    lines = [f'<a id="{table["name"]}"></a>', "", f"### {table['title']}", "", *_markdown_rows(table["columns"], table["rows"])]
     lines += ["", f"Command: `{table['command']}`. Protocol: {table['protocol']}. Hardware: {table['hardware']}. "
               f"Measured {table['measured']}" + (f" (commit {table['commit']})" if table.get("commit") else "") + "."]
     if table.get("notes"):
@@ -109,3 +120,8 @@ def markdown(table: dict[str, Any]) -> str:
 
 def _cell_text(cell: Any) -> str:
     return "–" if cell is None else str(cell).replace("|", "\\|")
+
+
+def _markdown_rows(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_cell_text(cell) for cell in row) + " |" for row in rows]
