@@ -1,5 +1,5 @@
-"""The documentation stays true to the repository: the results page matches the stored result
-tables, the README is short and its test command is what CI runs, every relative link resolves,
+"""The documentation stays true to the repository: the results page and the README's methods
+table match the stored result tables, the README is short and its test command is what CI runs, every relative link resolves,
 and every registered method has its page."""
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ def test_results_page_matches_the_stored_tables() -> None:
     page = ROOT / "docs" / "results.md"
     assert page.read_text(encoding="utf-8") == make_docs.render(), (
         "docs/results.md is out of date: run python benchmarks/make_docs.py and commit it"
+    )
+
+
+def test_readme_methods_table_matches_the_stored_tables() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert text == make_docs.render_readme(text), (
+        "the README's methods table is out of date: run python benchmarks/make_docs.py and commit it"
     )
 
 
