@@ -11,16 +11,20 @@ import torch
 from PIL import Image
 
 from protect.images import load_image, scan_folder
+from protect.runner.formats import unsafe_member_reason
 
 
 @dataclass
 class ImageSet:
-    """images: uint8 (N, 3, S, S); labels: int64 (N,); classes: label names; paths relative."""
+    """images: uint8 (N, 3, S, S); labels: int64 (N,); classes: label names; paths relative;
+    linf_levels: for protected copies, the largest |protected - clean| over all pairs, in 8-bit
+    levels, measured on the files at their own resolution."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
     paths: list[str]
+    linf_levels: int | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -34,7 +38,8 @@ def load_image_folder(
     per_class: take the first N files of each class sorted by name (the protocol subsets).
     classes: fix the class order (e.g. to match a test set); default is the sorted folder names.
     """
-    scan = scan_folder(Path(root))
+    # Verification only reads (and publishes nothing), so links out of the folder are followed.
+    scan = scan_folder(Path(root), allow_outside=True)
     if not scan.labelled:
         raise ValueError(f"{root} is not an ImageFolder tree (one subfolder per class)")
     class_names = classes if classes is not None else scan.classes
@@ -58,18 +63,27 @@ def _read_manifest_pairs(protected_dir: Path) -> list[tuple[str, str]] | None:
     if not manifest.exists():
         return None
     pairs = []
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        if line.strip():
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            pairs.append((record["input"], record["output"]))
+            pair = (record["input"], record["output"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{manifest}: line {number} is not a record of `protect run` (input, output)") from None
+        for name in pair:
+            problem = unsafe_member_reason(name) if isinstance(name, str) else "not a path"
+            if problem:
+                raise ValueError(f"{manifest}: line {number} names {name!r} ({problem}): paths must stay inside the folders")
+        pairs.append(pair)
     return pairs
 
 
 def _pairs_by_path(protected_dir: Path, clean_dir: Path) -> list[tuple[str, str]]:
     """Without a manifest: match files by relative path, ignoring the suffix."""
-    clean = {str(e.relpath.with_suffix("")): str(e.relpath) for e in scan_folder(clean_dir).entries}
+    clean = {str(e.relpath.with_suffix("")): str(e.relpath) for e in scan_folder(clean_dir, allow_outside=True).entries}
     pairs = []
-    for entry in scan_folder(protected_dir).entries:
+    for entry in scan_folder(protected_dir, allow_outside=True).entries:
         stem = str(entry.relpath.with_suffix(""))
         if stem not in clean:
             raise ValueError(f"{entry.path} has no clean original in {clean_dir} (matched by relative path)")
@@ -78,7 +92,10 @@ def _pairs_by_path(protected_dir: Path, clean_dir: Path) -> list[tuple[str, str]
 
 
 def _read_small(path: Path, size: int) -> torch.Tensor:
-    rgb = load_image(path).rgb
+    return _small(load_image(path).rgb, size)
+
+
+def _small(rgb: np.ndarray, size: int) -> torch.Tensor:
     if rgb.shape[:2] != (size, size):
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
@@ -87,7 +104,8 @@ def _read_small(path: Path, size: int) -> torch.Tensor:
 def load_pairs(protected_dir: Path | str, clean_dir: Path | str, *, size: int = 32) -> tuple[ImageSet, ImageSet]:
     """The clean originals and their protected copies, aligned, labelled by the clean tree's
     first-level folders. Pairs come from ``manifest.jsonl`` (written by ``protect run``) or,
-    without one, from matching relative paths."""
+    without one, from matching relative paths. The largest difference of each pair is measured
+    on the files themselves (``linf_levels`` of the protected set)."""
     protected_dir, clean_dir = Path(protected_dir), Path(clean_dir)
     pairs = _read_manifest_pairs(protected_dir) or _pairs_by_path(protected_dir, clean_dir)
     if not pairs:
@@ -100,21 +118,26 @@ def load_pairs(protected_dir: Path | str, clean_dir: Path | str, *, size: int = 
         labels_of[clean_rel] = parts[0]
     classes = sorted(set(labels_of.values()))
     index = {name: i for i, name in enumerate(classes)}
-    clean_images, protected_images, labels = [], [], []
+    clean_images, protected_images, labels, largest = [], [], [], 0
     for clean_rel, protected_rel in pairs:
         clean_path, protected_path = clean_dir / clean_rel, protected_dir / protected_rel
         if not clean_path.exists():
             raise ValueError(f"{protected_dir} and {clean_dir} do not match: {clean_rel} (in the manifest) is missing from {clean_dir}")
         if not protected_path.exists():
             raise ValueError(f"{protected_path} is listed in the manifest but missing")
-        clean_images.append(_read_small(clean_path, size))
-        protected_images.append(_read_small(protected_path, size))
+        clean_rgb, protected_rgb = load_image(clean_path).rgb, load_image(protected_path).rgb
+        if clean_rgb.shape != protected_rgb.shape:
+            raise ValueError(f"{protected_path} is {protected_rgb.shape[1]}x{protected_rgb.shape[0]} but its original "
+                             f"{clean_path} is {clean_rgb.shape[1]}x{clean_rgb.shape[0]}: not a protected copy of it")
+        largest = max(largest, int(np.abs(clean_rgb.astype(np.int16) - protected_rgb).max(initial=0)))
+        clean_images.append(_small(clean_rgb, size))
+        protected_images.append(_small(protected_rgb, size))
         labels.append(index[labels_of[clean_rel]])
     label_tensor = torch.tensor(labels, dtype=torch.long)
     paths = [clean_rel for clean_rel, _ in pairs]
     return (
         ImageSet(torch.stack(clean_images), label_tensor, classes, paths),
-        ImageSet(torch.stack(protected_images), label_tensor.clone(), classes, paths),
+        ImageSet(torch.stack(protected_images), label_tensor.clone(), classes, paths, linf_levels=largest),
     )
 
 

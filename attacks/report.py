@@ -123,12 +123,42 @@ def evaluation_warnings(rows: list[dict[str, Any]], data: VerifyData) -> list[st
         warnings.append(
             f"{overlap} test image(s) also appear in the clean training set: test accuracy is inflated; use disjoint sets"
         )
+    levels = round(data.eps * 255)
+    copies = _near_copies(data.clean.images, data.test.images, levels + 2) - overlap
+    if copies > 0.05 * len(data.test):  # a few natural near-duplicates are common; a copied test set is not
+        warnings.append(
+            f"{copies} test image(s) are copies of training images within the budget (e.g. a protected copy of the "
+            "training set): the test then rewards learning the noise; use a disjoint test set"
+        )
+    if data.claimed_eps is not None and round(data.claimed_eps * 255) != levels:
+        warnings.append(
+            f"protection.json claims eps {round(data.claimed_eps * 255)}/255, but the protected images differ from their "
+            f"originals by up to {levels}/255: the card and the random control use the measured {levels}/255"
+        )
     return warnings
 
 
 def _overlap(train: torch.Tensor, test: torch.Tensor) -> int:
     seen = {bytes(img.numpy().tobytes()) for img in train}
     return sum(bytes(img.numpy().tobytes()) in seen for img in test)
+
+
+def _near_copies(train: torch.Tensor, test: torch.Tensor, levels: int, chunk: int = 256) -> int:
+    """Test images within ``levels`` (L-inf) of some training image. Averaging over 8 x 8 blocks
+    cannot increase an L-inf distance, so block means find the candidates cheaply."""
+    def blocks(images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 4).flatten(1)
+
+    train_blocks, found = blocks(train), 0
+    for start in range(0, len(test), chunk):
+        part = test[start : start + chunk]
+        close = torch.cdist(blocks(part), train_blocks, p=float("inf")) <= levels
+        for row, candidates in enumerate(close):
+            index = candidates.nonzero().flatten()
+            if len(index):
+                gap = (train[index].int() - part[row].int()).abs().flatten(1).amax(1)
+                found += int((gap <= levels).any())
+    return found
 
 
 def _pct(stats: dict[str, Any] | None, key: str = "final") -> str:
@@ -173,7 +203,8 @@ def _markdown(
         "## What was protected",
         f"- Protected folder: `{meta['protected']}` ({len(data.protected)} images, {len(data.clean.classes)} classes)",
         f"- Method: `{protection.get('method', 'unknown')}`, seed {protection.get('seed', '?')}",
-        f"- Budget: L-inf eps = {data.eps * 255:.0f}/255"
+        f"- Budget: L-inf eps = {data.eps * 255:.0f}/255, measured on every pair of files"
+        + (f" (protection.json claims {data.claimed_eps * 255:.0f}/255)" if data.claimed_eps is not None else " (no protection.json)")
         + (f"; largest change written: {summary['max_abs_diff_levels']}/255" if "max_abs_diff_levels" in summary else ""),
         f"- Image quality: mean PSNR {summary.get('mean_psnr_db', '–')} dB, mean SSIM {summary.get('mean_ssim', '–')}",
         f"- Clean training set: `{meta['clean_train']}`; test set: `{meta['test']}` ({len(data.test)} images)",

@@ -25,7 +25,7 @@ from attacks.data import ImageSet, load_image_folder, load_pairs, mix_with_clean
 from attacks.relabel import RelabelError, describe, parse_spec, relabel_sets
 from attacks.train import VICTIM_LR, TrainConfig, train_classifier
 from protect.budget import perturb_uint8
-from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
+from protect.generator import Batch, MethodConfig, bounded_perturbation, create_generator
 from protect.hardware import device_description
 from protect.images import write_text_atomic
 from protect.models import CLASSIFIERS, build_classifier
@@ -175,8 +175,9 @@ class VerifyData:
     protected: ImageSet
     test: ImageSet
     protection: dict[str, Any]
-    eps: float
+    eps: float  # measured on the files: the largest |protected - clean| over all pairs
     labelling: str = "the true labels (the clean folders' class names)"
+    claimed_eps: float | None = None  # what protection.json says, when there is one
 
     @property
     def chance(self) -> float:
@@ -189,9 +190,9 @@ class VerifyData:
 
 
 def random_control(clean: ImageSet, eps: float, seed: int) -> ImageSet:
-    """The clean set with the ``random`` method's noise at the same budget (8-bit rounded)."""
-    resolution = clean.images.shape[-1]
-    config = resolve_config("random", overrides={"resolution": resolution}, eps=eps)
+    """The clean set with the ``random`` method's noise at the same budget (8-bit rounded),
+    whatever that budget is (a measured one may be larger than ``protect`` itself allows)."""
+    config = MethodConfig(eps=eps, resolution=clean.images.shape[-1])
     generator = create_generator("random", config, seed=seed)
     generator.fit(clean.images, None)
     batch = Batch(images=clean.images.float().div(255), labels=None, indices=torch.arange(len(clean)))
@@ -218,15 +219,26 @@ def load_verify_data(
         raise
     except ValueError as exc:
         raise VerifyError(str(exc)) from None
-    protection_file = Path(protected_dir) / "protection.json"
-    protection = json.loads(protection_file.read_text()) if protection_file.exists() else {}
-    eps = float(protection.get("config", {}).get("eps", 8 / 255))
+    protection, claimed = _claimed_protection(Path(protected_dir) / "protection.json")
+    if not protected.linf_levels:
+        raise VerifyError(f"{protected_dir}: every image is identical to its clean original: nothing is protected")
+    eps = protected.linf_levels / 255  # what the files hold, not what protection.json says
     spec = _checked_relabel(relabel) or "true"
     try:
         (clean, control, protected), test = relabel_sets(spec, [clean, random_control(clean, eps, seed), protected], test, seed=seed)
     except RelabelError as exc:
         raise VerifyError(str(exc)) from None
-    return VerifyData(clean, control, protected, test, protection, eps, describe(spec))
+    return VerifyData(clean, control, protected, test, protection, eps, describe(spec), claimed)
+
+
+def _claimed_protection(path: Path) -> tuple[dict[str, Any], float | None]:
+    """protection.json and the eps it claims (nothing when it is missing or unreadable)."""
+    try:
+        protection = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        claimed = protection.get("config", {}).get("eps")
+        return protection, float(claimed) if isinstance(claimed, (int, float)) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return {}, None
 
 
 def _subset(data: ImageSet, per_class: int | None) -> ImageSet:

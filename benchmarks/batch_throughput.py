@@ -142,7 +142,7 @@ def one_run(args: argparse.Namespace) -> None:
 
     summary = protect_export(
         "em-classwise", args.source, args.dest, protector=args.protector, engine=args.engine,
-        workers=args.workers, unit_size=args.unit_size, overwrite=True,
+        workers=args.workers, unit_size=args.unit_size, overwrite=True, allow_outside=True,  # rows link to the shared JPEGs
     )
     print(json.dumps({"written": summary.written, "failed": len(summary.failed), "apply_seconds": summary.apply_seconds}))
 

@@ -34,7 +34,8 @@ from tables import command_line, print_markdown_table, write_table  # noqa: E402
 
 
 def build_subset(source: Path, dest: Path, per_class: int, offset: int = 0) -> Path:
-    """A folder of symlinks: ``per_class`` files (sorted by name, from position ``offset``) of every class."""
+    """A folder of symlinks: ``per_class`` files (sorted by name, from position ``offset``) of every class.
+    The links lead out of the folder, so `protect run` reads it with ``--allow-outside``."""
     for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
         target = dest / class_dir.name
         target.mkdir(parents=True, exist_ok=True)
@@ -48,7 +49,8 @@ def build_subset(source: Path, dest: Path, per_class: int, offset: int = 0) -> P
 
 def generate(method: str, subset: Path, out: Path, seed: int, extra: tuple[str, ...] = ()) -> dict:
     """Run `protect run` (with ``extra`` arguments) in a child process; wall time and the child's peak RSS."""
-    cmd = [sys.executable, "-m", "protect.cli", "run", method, str(subset), str(out), "--seed", str(seed), "--overwrite", *extra]
+    cmd = [sys.executable, "-m", "protect.cli", "run", method, str(subset), str(out), "--seed", str(seed), "--overwrite",
+           "--allow-outside", *extra]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)

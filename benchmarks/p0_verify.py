@@ -188,7 +188,8 @@ def main() -> None:
         test = build_subset(cifar / "test", args.work / "test-subset", 200)
         cli = [sys.executable, "-m", "protect.cli"]
         if not (protected / "protection.json").exists():
-            subprocess.run([*cli, "run", method, str(subset), str(protected), "--overwrite", "--device", args.device], check=True)
+            subprocess.run([*cli, "run", method, str(subset), str(protected), "--overwrite", "--allow-outside", "--device",
+                            args.device], check=True)
         started = time.perf_counter()
         subprocess.run([*cli, "verify", str(protected), "--clean-train", str(subset), "--test", str(test),
                         "--preset", args.preset, "--out", str(report), "--device", args.device,

@@ -6,12 +6,34 @@ Float tensors hold pixels in [0, 1]; uint8 tensors/arrays hold pixels in [0, 255
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 
+#: the largest budget accepted, in 8-bit levels: noise beyond 32/255 is plainly visible, and
+#: this tool makes imperceptible noise
+MAX_EPS_LEVELS = 32
+
+
 class BudgetError(RuntimeError):
     """A written image would differ from its original by more than the budget allows."""
+
+
+def check_eps(eps: float) -> None:
+    """Raise ValueError unless ``eps`` (in [0, 1] pixel units) rounds to 1..MAX_EPS_LEVELS
+    levels: a smaller budget changes no pixel, a larger one is visible."""
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps < 1:
+        raise ValueError(f"eps must be in (0, 1) pixel units, e.g. 8/255; got {eps}")
+    levels = budget_in_levels(eps)
+    if levels < 1:
+        raise ValueError(f"eps {eps:g} rounds to 0 levels of 255: no pixel would change; use at least 1/255 (8/255 is usual)")
+    if levels > MAX_EPS_LEVELS:
+        raise ValueError(
+            f"eps {eps:g} is {levels}/255: noise larger than {MAX_EPS_LEVELS}/255 is plainly visible; "
+            "the papers use 8/255 or 16/255"
+        )
 
 
 def budget_in_levels(eps: float) -> int:

@@ -16,9 +16,9 @@ from rich.table import Table
 from protect.config import ConfigError, parse_overrides
 from protect.console import RichReporter, err, fail, out, parse_eps, progress_display, resolve_device
 from protect.generator import available_methods, describe_fields
-from protect.images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
+from protect.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
 from protect.progress import Reporter
-from protect.runner import JobSummary, UsageError, protect_export, protect_folder
+from protect.runner import JobError, JobSummary, UsageError, protect_export, protect_folder
 from protect.runner.formats import FORMATS, ColumnOptions
 from protect.t2ue.cli import app as t2ue_app
 
@@ -38,7 +38,12 @@ DEVICE_OPTION = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto.
 FORMAT_OPTION = typer.Option("png", "--format", help=f"Output format: {', '.join(OUTPUT_FORMATS)}. "
                              "png, tiff and webp are written losslessly.")
 LOSSY_OPTION = typer.Option(False, "--allow-lossy", help="Permit a lossy --format (jpeg); it weakens the protection.")
-MAX_PIXELS_OPTION = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images larger than this (decompression-bomb guard).")
+MAX_PIXELS_OPTION = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", help="Refuse images with more pixels than this "
+                                 "(decompression-bomb guard).")
+MAX_BYTES_OPTION = typer.Option(DEFAULT_MAX_BYTES, "--max-bytes", help="Refuse files and archive members larger than this "
+                                "many bytes.")
+ALLOW_OUTSIDE_OPTION = typer.Option(False, "--allow-outside", help="Read files outside the source: links that lead out of "
+                                    "a folder, manifest rows outside the manifest's folder (refused by default).")
 PROTECTOR_OPTION = typer.Option(None, "--protector", help="Reuse a protector saved with --save-protector: nothing is fitted.")
 SAVE_PROTECTOR_OPTION = typer.Option(None, "--save-protector", help="Keep the fitted protector in this folder, to protect "
                                      "later images without fitting (outside the output: it holds the noise).")
@@ -61,6 +66,9 @@ def _protect(command: str, work: Callable[[Reporter], JobSummary], again: str) -
             summary = work(RichReporter(progress))
         except UsageError as exc:
             raise fail(str(exc)) from None
+        except JobError as exc:
+            err.print(f"[red]Error:[/red] {escape(str(exc))}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print(f"[yellow]Interrupted.[/yellow] {escape(again)}", markup=True, highlight=False)
             raise typer.Exit(130) from None
@@ -90,11 +98,13 @@ def _print_summary(command: str, summary: JobSummary) -> None:
     if summary.mean_psnr is not None:
         table.add_row("mean PSNR", "identical" if math.isinf(summary.mean_psnr) else f"{summary.mean_psnr:.2f} dB")
     if summary.mean_ssim is not None:
-        table.add_row("mean SSIM", f"{summary.mean_ssim:.4f}")
+        table.add_row("mean SSIM", f"{summary.mean_ssim:.4f} (full resolution)")
     table.add_row("time", f"{summary.seconds:.1f} s (fit {summary.fit_seconds:.1f} s, apply {summary.apply_seconds:.1f} s)")
     out.print(table)
     for name, reason in summary.failed:
         out.print(f"[red]failed:[/red] {escape(name)}: {escape(reason)}", markup=True, highlight=False)
+    for problem in summary.problems:
+        out.print(f"[red]not protected:[/red] {escape(problem)}", markup=True, highlight=False)
 
 
 @app.command()
@@ -113,6 +123,8 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run into the same output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder, replacing files."),
     max_pixels: int = MAX_PIXELS_OPTION,
+    max_bytes: int = MAX_BYTES_OPTION,
+    allow_outside: bool = ALLOW_OUTSIDE_OPTION,
     protector: Optional[Path] = PROTECTOR_OPTION,
     save_protector: Optional[Path] = SAVE_PROTECTOR_OPTION,
     captions: Optional[Path] = typer.Option(None, "--captions", help="For text-driven methods (t2ue): a .csv/.jsonl of "
@@ -130,7 +142,8 @@ def run(
         lambda reporter: protect_folder(
             method, input_dir, output_dir, eps=eps_value, config_file=config, overrides=overrides,
             seed=seed, device=torch_device, output_format=output_format, allow_lossy=allow_lossy,
-            resume=resume, overwrite=overwrite, max_pixels=max_pixels, reporter=reporter,
+            resume=resume, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes, allow_outside=allow_outside,
+            reporter=reporter,
             protector=protector, save_protector_to=save_protector,
         ),
         f"Files written so far are complete; run the same command with --resume to finish into {output_dir}.",
@@ -166,6 +179,8 @@ def batch(
     save_protector: Optional[Path] = SAVE_PROTECTOR_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty DEST, or restart an unfinished job."),
     max_pixels: int = MAX_PIXELS_OPTION,
+    max_bytes: int = MAX_BYTES_OPTION,
+    allow_outside: bool = ALLOW_OUTSIDE_OPTION,
 ) -> None:
     """Protect a whole dataset export from SOURCE into DEST, same format, streaming and resumable.
 
@@ -181,7 +196,8 @@ def batch(
             overrides=overrides, seed=seed, device=torch_device, output_format=output_format, allow_lossy=allow_lossy,
             engine=engine, workers=workers, address=address, unit_size=unit_size, fit_sample=fit_sample,
             fit_devices=fit_devices.split(",") if fit_devices else None, protector=protector,
-            save_protector_to=save_protector, overwrite=overwrite, max_pixels=max_pixels, reporter=reporter,
+            save_protector_to=save_protector, overwrite=overwrite, max_pixels=max_pixels, max_bytes=max_bytes,
+            allow_outside=allow_outside, reporter=reporter,
         ),
         f"Finished units are kept; run the same command again to finish into {dest}.",
     )

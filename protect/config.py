@@ -34,6 +34,8 @@ def parse_number(value: Any) -> float:
     if isinstance(value, str):
         numerator, slash, denominator = value.strip().partition("/")
         if slash:
+            if float(denominator) == 0:
+                raise ValueError(f"expected a number, got {value!r} (division by zero)")
             return float(numerator) / float(denominator)
         return float(numerator)
     raise ValueError(f"expected a number, got {value!r}")
@@ -60,6 +62,11 @@ def _coerce(field: dataclasses.Field, value: Any, hints: dict[str, Any]) -> Any:
     if kind is str:
         if not isinstance(value, str):
             raise ValueError(f"expected text, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(kind) or (object,)
+        if not isinstance(value, list) or (item is str and not all(isinstance(v, str) for v in value)):
+            raise ValueError(f"expected a list{' of texts' if item is str else ''}, got {value!r}")
         return value
     return value
 
@@ -112,7 +119,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        result[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            result[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: not a valid value ({getattr(exc, 'problem', None) or exc})") from None
     return result
 
 
@@ -128,14 +138,14 @@ def build_config(config_cls: type, *layers: tuple[str, dict[str, Any]]) -> Any:
                 raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {valid}")
             try:
                 values[key] = _coerce(fields[key], value, hints)
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 raise ConfigError(f"{source}: {key}: {exc}") from None
     config = config_cls(**values)
     validate = getattr(config, "validate", None)
     if validate is not None:
         try:
             validate()
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc)) from None
     return config
 

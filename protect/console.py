@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from protect.budget import check_eps
 from protect.config import parse_number
 
 err = Console(stderr=True, highlight=False)
@@ -80,8 +81,10 @@ def parse_eps(value: Optional[str]) -> float | None:
         eps = parse_number(value)
     except (ValueError, ZeroDivisionError):
         raise fail(f"--eps must be a number such as 8/255 or 0.0314; got {value!r}") from None
-    if not 0 < eps < 1:
-        raise fail(f"--eps is in [0, 1] pixel units, e.g. 8/255; got {value!r}")
+    try:
+        check_eps(eps)
+    except ValueError as exc:
+        raise fail(f"--eps {value}: {exc}") from None
     return eps
 
 

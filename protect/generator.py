@@ -20,10 +20,15 @@ from typing import Any, Callable, ClassVar, TypeVar
 import torch
 
 from protect import precision
-from protect.budget import project_to_valid
+from protect.budget import check_eps, project_to_valid
 from protect.config import ConfigError, build_config, read_default_config, read_yaml
 from protect.ranks import SINGLE_PROCESS, Ranks
 from protect.progress import Reporter
+
+
+#: the largest working resolution: noise is mapped to each image's own size, and a fit holds
+#: every image at this size (3 R^2 bytes each)
+MAX_RESOLUTION = 1024
 
 
 @dataclass
@@ -43,10 +48,12 @@ class MethodConfig:
     precision: str = "auto"
 
     def validate(self) -> None:
-        if not 0 < self.eps < 1:
-            raise ValueError(f"eps must be in (0, 1), e.g. 8/255; got {self.eps}")
-        if self.resolution < 8:
-            raise ValueError(f"resolution must be at least 8 pixels; got {self.resolution}")
+        check_eps(self.eps)
+        if not 8 <= self.resolution <= MAX_RESOLUTION:
+            raise ValueError(
+                f"resolution must be between 8 and {MAX_RESOLUTION} pixels (the working size of the noise, mapped to "
+                f"each image's own size afterwards); got {self.resolution}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive; got {self.batch_size}")
         precision.check_precision(self.precision)

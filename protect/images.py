@@ -3,6 +3,10 @@
 Inputs are read recursively, EXIF orientation applied and any mode brought to 8-bit RGB (plus
 an 8-bit alpha channel when the image has one). Outputs are written atomically: to a temporary
 file in the destination folder, flushed to disk, then renamed over the final name.
+
+What is read (docs/security.md): regular files only, each read once with a size cap, opened
+without blocking (a FIFO named like an image cannot hang a job); in a folder, links that lead
+outside it are refused unless the caller allows them.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import threading
 import uuid
 import warnings
@@ -24,6 +29,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"})
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+# Bytes read from one file or archive member: an 89-Mpixel 16-bit RGB TIFF, uncompressed, fits.
+DEFAULT_MAX_BYTES = 512 * 2**20
 
 # Output formats: (Pillow format name, file suffix, lossless?, save options)
 OUTPUT_FORMATS: dict[str, tuple[str, str, bool, dict]] = {
@@ -45,22 +52,28 @@ class ImageReadError(Exception):
 
 @dataclass(frozen=True)
 class ImageEntry:
-    """One input image: where it is, its path relative to the input root and its label."""
+    """One input image: where it is, its path relative to the input root and its label;
+    ``problem`` says why it will not be read (a link out of the folder, not a regular file)."""
 
     path: Path
     relpath: PurePosixPath
     label: str | None
+    problem: str | None = None
 
 
 @dataclass
 class FolderScan:
-    """The images found under a root, whether they carry ImageFolder labels, and what was skipped."""
+    """The images found under a root, whether they carry ImageFolder labels, and what was
+    skipped: files that are not images (``problems`` says which of them may not be read) and
+    linked folders that were not entered (``refused``)."""
 
     root: Path
     entries: list[ImageEntry]
     labelled: bool
     classes: list[str]
     not_images: list[Path] = field(default_factory=list)
+    problems: dict[Path, str] = field(default_factory=dict)
+    refused: list[tuple[Path, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -78,32 +91,111 @@ class LoadedImage:
         return self.rgb.shape[1], self.rgb.shape[0]
 
 
-def scan_folder(root: Path) -> FolderScan:
+def outside_reason(path: Path, root: Path) -> str | None:
+    """Why reading ``path`` would leave the folder ``root`` (it is, or passes through, a link to
+    somewhere else), or None when its real path is inside ``root``."""
+    real, base = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    if real == base or real.is_relative_to(base):
+        return None
+    return f"a link to {real}, outside {root}; pass --allow-outside to read it"
+
+
+def scan_folder(root: Path, *, allow_outside: bool = False) -> FolderScan:
     """List the images under ``root`` recursively, sorted by relative path.
 
     The folder is labelled (ImageFolder layout) when every image sits inside a first-level
     subfolder; the subfolder name is then its label. Otherwise it is treated as unlabelled.
     Files whose suffix is not an image suffix are listed in ``not_images`` and left alone.
+    Hidden files and folders are skipped. Links are followed while they stay inside ``root``
+    (anywhere with ``allow_outside``); a link out of it, a broken link and anything that is not
+    a regular file are listed with the reason they will not be read, and a linked folder that
+    is not entered (outside, or a loop) is listed in ``refused``.
     """
     root = Path(root)
     images: list[tuple[PurePosixPath, Path]] = []
-    not_images: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
+    scan = FolderScan(root=root, entries=[], labelled=False, classes=[])
+
+    def visit(folder: Path, rel: PurePosixPath, chain: frozenset[str]) -> None:
+        try:
+            children = sorted(os.scandir(folder), key=lambda child: child.name)
+        except OSError as exc:
+            scan.refused.append((folder, f"cannot be listed ({exc.strerror or exc})"))
+            return
+        for child in children:
+            if child.name.startswith("."):
                 continue
-            path = Path(dirpath) / name
-            rel = PurePosixPath(path.relative_to(root).as_posix())
+            path, child_rel = Path(child.path), rel / child.name
+            problem = None if allow_outside else outside_reason(path, root)
+            if child.is_dir():  # follows links
+                real = os.path.realpath(path)
+                if problem is not None or real in chain:
+                    scan.refused.append((path, problem or "a link back to a folder that contains it (a loop)"))
+                else:
+                    visit(path, child_rel, chain | {real})
+                continue
+            problem = problem or _not_a_file_reason(path)
             if path.suffix.lower() in IMAGE_SUFFIXES:
-                images.append((rel, path))
+                images.append((child_rel, path))
             else:
-                not_images.append(path)
+                scan.not_images.append(path)
+            if problem is not None:
+                scan.problems[path] = problem
+
+    visit(root, PurePosixPath(), frozenset({os.path.realpath(root)}))
     images.sort(key=lambda item: str(item[0]))
-    labelled = bool(images) and all(len(rel.parts) >= 2 for rel, _ in images)
-    entries = [ImageEntry(path, rel, rel.parts[0] if labelled else None) for rel, path in images]
-    classes = sorted({e.label for e in entries if e.label is not None})
-    return FolderScan(root=root, entries=entries, labelled=labelled, classes=classes, not_images=not_images)
+    scan.labelled = bool(images) and all(len(rel.parts) >= 2 for rel, _ in images)
+    scan.entries = [
+        ImageEntry(path, rel, rel.parts[0] if scan.labelled else None, scan.problems.get(path)) for rel, path in images
+    ]
+    scan.classes = sorted({e.label for e in scan.entries if e.label is not None})
+    return scan
+
+
+def _not_a_file_reason(path: Path) -> str | None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "cannot be read: broken link (its target does not exist)"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None if stat.S_ISREG(mode) else "not a regular file (a FIFO, socket or device): only files are read"
+
+
+def read_file(path: Path | str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a regular file, read once and at most ``max_bytes`` of them, or
+    :class:`ImageReadError` naming it. Opened without blocking, so a FIFO cannot hang the
+    caller; devices, sockets and FIFOs are refused after opening (no race with a rename)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageReadError(path, "cannot be read: file not found (broken link?)") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "cannot be read: it is a directory") from None
+    except PermissionError:
+        raise ImageReadError(path, "cannot be read: permission denied") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageReadError(path, "cannot be read: it is a directory")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageReadError(path, "not a regular file (a FIFO, socket or device): only files are read")
+        if info.st_size > max_bytes:
+            raise ImageReadError(path, too_many_bytes(info.st_size, max_bytes))
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise ImageReadError(path, too_many_bytes(len(data), max_bytes))
+    return data
+
+
+def too_many_bytes(size: int, max_bytes: int) -> str:
+    return f"too large: {size:,} bytes exceeds the limit of {max_bytes:,} (raise it with --max-bytes)"
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> np.ndarray:
@@ -158,20 +250,10 @@ def _open_with_limit(data: bytes, max_pixels: int) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> LoadedImage:
     """Decode one image file fully, or raise :class:`ImageReadError` naming it and the reason."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise ImageReadError(path, "cannot be read: it is a directory") from None
-    except FileNotFoundError:
-        raise ImageReadError(path, "cannot be read: file not found (broken link?)") from None
-    except PermissionError:
-        raise ImageReadError(path, "cannot be read: permission denied") from None
-    except OSError as exc:
-        raise ImageReadError(path, f"cannot be read ({exc})") from None
-    return decode_image(data, path, max_pixels)
+    return decode_image(read_file(path, max_bytes), path, max_pixels)
 
 
 def decode_image(data: bytes, name: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
@@ -194,6 +276,7 @@ def decode_image(data: bytes, name: Path | str, max_pixels: int = DEFAULT_MAX_PI
                         f"too large: {width}x{height} = {width * height:,} pixels exceeds the limit of "
                         f"{max_pixels:,} (possible decompression bomb; raise it with --max-pixels)",
                     )
+                frames = getattr(image, "n_frames", 1)
                 image.load()
                 icc = image.info.get("icc_profile")
                 upright = ImageOps.exif_transpose(image)
@@ -206,6 +289,11 @@ def decode_image(data: bytes, name: Path | str, max_pixels: int = DEFAULT_MAX_PI
         raise ImageReadError(name, f"too large (possible decompression bomb): {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(name, f"truncated or corrupt image data ({exc})") from None
+    if frames > 1:
+        # The first frame is what every viewer shows and what a scraper keeps (for MPO, a camera
+        # JPEG with previews or depth maps, the main picture); the copy is that one image.
+        notes.append(f"{frames} frames (animated or multi-page): the first is protected and written; the other "
+                     f"{frames - 1} are not in the copy")
     if "CMYK image converted to RGB" in notes:
         icc = None  # a CMYK profile does not describe the RGB pixels we write
     return LoadedImage(rgb=rgb, alpha=alpha, icc_profile=icc, sha256=digest, notes=notes)
@@ -226,8 +314,10 @@ def output_relpath(relpath: PurePosixPath, suffix: str, taken: set[PurePosixPath
 @contextmanager
 def atomic_open(path: Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success flush it to disk and rename it over
-    ``path``, so ``path`` is either absent, the old file, or the complete new one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    ``path``, so ``path`` is either absent, the old file, or the complete new one. The temporary
+    name keeps at most 100 bytes of the final one, so any name the file system takes is written."""
+    stem = path.name.encode()[:100].decode("utf-8", "ignore")
+    tmp = path.with_name(f".{stem}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, mode, **kwargs) as handle:
             yield handle

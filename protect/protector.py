@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from protect.config import ConfigError, config_to_dict
 from protect.generator import Generator, resolve_config
@@ -31,12 +33,36 @@ def save_protector(folder: Path, generator: Generator, meta: dict[str, Any]) -> 
     write_text_atomic(folder / PROTECTOR_META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+_META_KEYS = {"method": str, "config": dict, "seed": int, "classes": list}
+
+
 def read_protector_meta(folder: Path | str) -> dict[str, Any]:
-    """The JSON of a saved protector; FileNotFoundError naming the folder when it is not one."""
+    """The JSON of a saved protector; FileNotFoundError naming the folder when it is not one,
+    ConfigError naming the file when it is damaged."""
     path = Path(folder) / PROTECTOR_META
-    if not path.exists() or not (Path(folder) / PROTECTOR_TENSORS).exists():
+    if not path.is_file() or not (Path(folder) / PROTECTOR_TENSORS).is_file():
         raise FileNotFoundError(f"{folder}: not a saved protector (expected {PROTECTOR_TENSORS} and {PROTECTOR_META})")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: damaged protector description, not valid JSON ({exc})") from None
+    wrong = [key for key, kind in _META_KEYS.items() if not isinstance(meta, dict) or not isinstance(meta.get(key), kind)]
+    if wrong:
+        raise ConfigError(f"{path}: damaged protector description ({', '.join(wrong)} missing or of the wrong type)")
+    return meta
+
+
+def read_protector_tensors(folder: Path | str) -> dict[str, torch.Tensor]:
+    """The tensors of a saved protector, checked to be finite; ConfigError naming the file otherwise."""
+    path = Path(folder) / PROTECTOR_TENSORS
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: damaged protector tensors, not a readable safetensors file ({exc})") from None
+    broken = sorted(name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all())
+    if broken:
+        raise ConfigError(f"{path}: damaged protector: {', '.join(broken)} hold NaN or inf")
+    return tensors
 
 
 def resolve_with_protector(
@@ -47,6 +73,7 @@ def resolve_with_protector(
     if protector is None:
         return config_to_dict(resolve_config(method, config_file=config_file, overrides=overrides, eps=eps)), None
     meta = read_protector_meta(protector)
+    read_protector_tensors(protector)
     meta["digest"] = sha256_file(Path(protector) / PROTECTOR_TENSORS)
     if meta["method"] != method:
         raise ConfigError(f"{protector} is a {meta['method']} protector, not {method}")

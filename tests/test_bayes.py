@@ -123,7 +123,7 @@ def test_fit_on_real_images_raises_the_bayes_error_and_keeps_the_budget(cifar_ro
             (source / class_dir.name / path.name).symlink_to(path)
     overrides = {"batch_size": 50, "rounds": 2, "warmup_epochs": 5, "steps": 5}
 
-    summary = protect_folder("bayes", source, tmp_path / "protected", overrides=overrides, seed=0)
+    summary = protect_folder("bayes", source, tmp_path / "protected", overrides=overrides, seed=0, allow_outside=True)
 
     assert summary.exit_code == 0 and summary.written == 200
     assert summary.max_levels <= budget_in_levels(8 / 255)

@@ -12,7 +12,17 @@ front-ends (:mod:`protect.runner.api`).
 """
 
 from protect.runner.api import protect_export, protect_folder
-from protect.runner.job import MANIFEST_NAME, PROTECTION_NAME, STATE_DIR_NAME, FileFailure, Job, JobSummary, UsageError, run_job
+from protect.runner.job import (
+    MANIFEST_NAME,
+    PROTECTION_NAME,
+    STATE_DIR_NAME,
+    FileFailure,
+    Job,
+    JobError,
+    JobSummary,
+    UsageError,
+    run_job,
+)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -20,6 +30,7 @@ __all__ = [
     "STATE_DIR_NAME",
     "FileFailure",
     "Job",
+    "JobError",
     "JobSummary",
     "UsageError",
     "protect_export",

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from protect.images import DEFAULT_MAX_PIXELS
+from protect.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from protect.progress import Reporter
 from protect.runner.formats import ColumnOptions
 from protect.runner.job import Job, JobSummary, run_job
@@ -39,6 +39,8 @@ def protect_folder(
     resume: bool = False,
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    allow_outside: bool = False,
     reporter: Reporter | None = None,
     protector: Path | str | None = None,
     save_protector_to: Path | str | None = None,
@@ -59,12 +61,17 @@ def protect_folder(
     (outside both folders: it holds the noise) for methods whose fit protects later images
     (class-wise noise on labelled folders, ``clusters``, ``t2ue``). ``unit_size``: images
     written between two journal entries (the grain of ``resume``).
+
+    What is read (docs/security.md): regular files of at most ``max_bytes`` bytes and
+    ``max_pixels`` pixels, inside ``input_dir``; links that lead out of it are refused (each
+    named, exit code 1) unless ``allow_outside``.
     """
     job = Job(
         method, Path(input_dir), Path(output_dir), input_format="imagefolder", eps=eps, config_file=config_file,
         overrides=overrides, seed=seed, device=device, output_format=output_format, allow_lossy=allow_lossy,
         workers=1, unit_size=unit_size, protector=protector, save_protector_to=save_protector_to, overwrite=overwrite,
-        resume=resume, max_pixels=max_pixels, fit_whole=True, keep_other_files=False, threads=None,
+        resume=resume, max_pixels=max_pixels, max_bytes=max_bytes, allow_outside=allow_outside, fit_whole=True,
+        keep_other_files=False, threads=None,
     )
     return run_job(job, reporter)
 
@@ -93,6 +100,8 @@ def protect_export(
     save_protector_to: Path | str | None = None,
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    allow_outside: bool = False,
     reporter: Reporter | None = None,
 ) -> JobSummary:
     """Write a protected copy of the export ``source`` (an image folder, CSV/JSONL manifest,
@@ -107,12 +116,17 @@ def protect_export(
     wrong; records that cannot be protected are left out of the output and listed in the
     summary. Rerunning the same call after an interruption finishes the job
     (``dest/.protect-state`` holds its state).
+
+    What is read (docs/security.md): regular files and archive members of at most
+    ``max_bytes`` bytes and ``max_pixels`` pixels, inside ``source`` (for a manifest: inside its
+    folder) unless ``allow_outside``; ``dest`` may hold no file the job reads.
     """
     job = Job(
         method, Path(source), Path(dest), input_format=input_format, columns=columns or ColumnOptions(), eps=eps,
         config_file=config_file, overrides=overrides, seed=seed, device=device, output_format=output_format,
         allow_lossy=allow_lossy, engine=engine, workers=workers, address=address, unit_size=unit_size,
         fit_sample=fit_sample, fit_devices=fit_devices, protector=protector, save_protector_to=save_protector_to,
-        overwrite=overwrite, resume=None, max_pixels=max_pixels, fit_whole=False, keep_other_files=True, threads=1,
+        overwrite=overwrite, resume=None, max_pixels=max_pixels, max_bytes=max_bytes, allow_outside=allow_outside,
+        fit_whole=False, keep_other_files=True, threads=1,
     )
     return run_job(job, reporter)

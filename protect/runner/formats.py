@@ -5,6 +5,10 @@ records back, writes a unit's protected records as a *part*, and joins the parts
 file in order. Every non-image field and the record order are kept; a record whose image
 failed is left out of the output (and reported), never written unprotected. An image folder is
 one format among the others: ``protect run`` and ``protect batch`` read it with the same code.
+
+What a format reads (docs/security.md): regular files and archive members of at most
+``max_bytes`` bytes; files inside the source (for a manifest: inside its folder) unless
+``allow_outside``; an archive that ends early is reported, never silently shortened.
 """
 
 from __future__ import annotations
@@ -18,13 +22,28 @@ import re
 import stat
 import tarfile
 import zipfile
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Iterable, Iterator
 
-from protect.images import IMAGE_SUFFIXES, FolderScan, atomic_open, output_relpath, scan_folder
+from protect.images import (
+    DEFAULT_MAX_BYTES,
+    IMAGE_SUFFIXES,
+    FolderScan,
+    ImageReadError,
+    atomic_open,
+    outside_reason,
+    output_relpath,
+    read_file,
+    scan_folder,
+    too_many_bytes,
+)
+
+#: the longest file name (one path component, in bytes) most file systems take
+MAX_NAME_BYTES = 255
 
 
 class FormatError(ValueError):
@@ -72,6 +91,8 @@ class Unit:
 
 
 ProtectedRecords = Iterable[tuple[Record, bytes | None]]
+#: records a part could not write: (record key, reason)
+WriteFailures = list[tuple[str, str]]
 
 
 class ExportFormat(ABC):
@@ -84,11 +105,16 @@ class ExportFormat(ABC):
     #: where the source's labels come from, in words (for the record of a run)
     label_origin: ClassVar[str] = "label column"
 
-    def __init__(self, source: Path, columns: ColumnOptions, image_suffix: str, *, keep_other_files: bool = True) -> None:
+    def __init__(
+        self, source: Path, columns: ColumnOptions, image_suffix: str, *, keep_other_files: bool = True,
+        max_bytes: int = DEFAULT_MAX_BYTES, allow_outside: bool = False,
+    ) -> None:
         self.source = Path(source)
         self.columns = columns
         self.image_suffix = image_suffix
         self.keep_other_files = keep_other_files
+        self.max_bytes = max_bytes
+        self.allow_outside = allow_outside
 
     def nothing_found(self) -> str:
         """The usage error when the source has no records at all."""
@@ -97,6 +123,14 @@ class ExportFormat(ABC):
     def skipped(self) -> list[str]:
         """Files of the source that are neither protected nor copied (not images, and not kept)."""
         return []
+
+    def files_read(self) -> Iterator[Path]:
+        """Every file the job reads (for the check that DEST holds none of them)."""
+        if self.source.is_file():
+            yield self.source
+        else:
+            for path in self.source.rglob("*"):
+                yield path
 
     @abstractmethod
     def units(self, unit_size: int) -> Iterator[Unit]:
@@ -107,8 +141,9 @@ class ExportFormat(ABC):
         """The records of ``unit`` in order."""
 
     @abstractmethod
-    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
-        """Write ``unit``'s records, each with its protected image bytes (None: leave it out)."""
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> WriteFailures:
+        """Write ``unit``'s records, each with its protected image bytes (None: leave it out);
+        returns the records that could not be written (named, with the reason)."""
 
     def join(self, output: str, parts: list[Path], dest: Path) -> None:
         """Join the parts of ``output``, in order, into ``dest / output`` atomically."""
@@ -152,6 +187,13 @@ def _is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
 
 
+def _name_problem(relpath: PurePosixPath) -> str | None:
+    longest = max((len(part.encode()) for part in relpath.parts), default=0)
+    if longest > MAX_NAME_BYTES:
+        return f"output name is {longest} bytes long; file systems take {MAX_NAME_BYTES}: rename the file"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # ImageFolder trees
 
@@ -166,7 +208,7 @@ class ImageFolderFormat(ExportFormat):
 
     @cached_property
     def scan(self) -> FolderScan:
-        return scan_folder(self.source)
+        return scan_folder(self.source, allow_outside=self.allow_outside)
 
     def nothing_found(self) -> str:
         kinds = ", ".join(sorted(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES))
@@ -175,45 +217,62 @@ class ImageFolderFormat(ExportFormat):
     def skipped(self) -> list[str]:
         return [] if self.keep_other_files else [str(p) for p in self.scan.not_images]
 
+    def files_read(self) -> Iterator[Path]:
+        yield from (entry.path for entry in self.scan.entries)
+        if self.keep_other_files:
+            yield from self.scan.not_images
+
     def units(self, unit_size: int) -> Iterator[Unit]:
         scan = self.scan
         taken: set[PurePosixPath] = set()
-        items = [
-            (str(e.relpath), str(output_relpath(e.relpath, self.image_suffix, taken)), e.label) for e in scan.entries
-        ]
-        index = 0
+        items = []
+        for entry in scan.entries:
+            out_rel = output_relpath(entry.relpath, self.image_suffix, taken)
+            items.append((str(entry.relpath), str(out_rel), entry.label, entry.problem or _name_problem(out_rel)))
+        index = -1
         for index, chunk in enumerate(_chunks(items, unit_size)):
             yield Unit(index, "", len(chunk), tuple(chunk))
-        others = tuple((p.relative_to(self.source).as_posix(), None, None) for p in scan.not_images)
-        if others and self.keep_other_files:
-            yield Unit(index + 1 if items else 0, "", len(others), others)
+        # Files copied unchanged (batch), and linked folders that were not entered (always reported).
+        others = [
+            (rel, None, None, scan.problems.get(path)) for path in scan.not_images if self.keep_other_files
+            for rel in [path.relative_to(self.source).as_posix()]
+        ]
+        others += [(path.relative_to(self.source).as_posix(), None, None, reason) for path, reason in scan.refused]
+        if others:
+            yield Unit(index + 1, "", len(others), tuple(others))
 
     def read(self, unit: Unit) -> Iterator[Record]:
-        for rel, out_rel, label in unit.items:
+        for rel, out_rel, label, problem in unit.items:
             path = self.source / rel
-            if path.is_symlink() and not path.exists():
-                yield Record(str(path), None, label, error="cannot be read: broken link")
+            problem = problem or (None if self.allow_outside else outside_reason(path, self.source))
+            if problem is not None:
+                yield Record(str(path), None, label, error=problem)
                 continue
             try:
-                data = path.read_bytes()
-            except OSError as exc:
-                yield Record(str(path), None, label, error=f"cannot be read ({exc.strerror or exc})")
+                data = read_file(path, self.max_bytes)
+            except ImageReadError as exc:
+                yield Record(str(path), None, label, error=exc.reason)
                 continue
             if out_rel is None:  # not an image: copied unchanged
                 yield Record(str(path), None, payload=(rel, data), name=rel, output=rel)
             else:
                 yield Record(str(path), data, label, payload=(out_rel, None), name=rel, output=out_rel)
 
-    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> WriteFailures:
+        failures: WriteFailures = []
         for record, protected in records:
             if _left_out(record, protected):
                 continue
             out_rel, original = record.payload
             data = protected if record.image is not None else original
             target = dest / out_rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_open(target, "wb") as handle:
-                handle.write(data)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_open(target, "wb") as handle:
+                    handle.write(data)
+            except OSError as exc:
+                failures.append((record.key, f"cannot write {target} ({exc.strerror or exc})"))
+        return failures
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +315,18 @@ class _ManifestFormat(ExportFormat):
         if chunk:
             yield Unit(index, self.source.name, len(chunk), tuple(chunk))
 
+    def files_read(self) -> Iterator[Path]:
+        yield self.source
+        for row in self._rows():
+            value = row.get(self.columns.image)
+            if isinstance(value, str) and value:
+                yield self.source.parent / value
+
+    def _outside(self, path: Path, value: str) -> str | None:
+        if self.allow_outside or outside_reason(path, self.source.parent) is None:
+            return None
+        return f"{value!r} is outside {self.source.parent}, the manifest's folder; pass --allow-outside to read it"
+
     def read(self, unit: Unit) -> Iterator[Record]:
         base = self.source.parent
         for row_number, row, out in unit.items:
@@ -265,29 +336,39 @@ class _ManifestFormat(ExportFormat):
             if out is None:
                 yield Record(key, None, label, caption, error=f"no image path in column {self.columns.image!r}")
                 continue
-            path = base / str(row[self.columns.image])
+            value = str(row[self.columns.image])
+            path = base / value
+            problem = self._outside(path, value)
+            if problem is not None:
+                yield Record(f"{key} ({path})", None, label, caption, error=problem)
+                continue
             try:
-                data = path.read_bytes()
-            except OSError as exc:
-                yield Record(f"{key} ({path})", None, label, caption, error=f"cannot be read ({exc.strerror or exc})")
+                data = read_file(path, self.max_bytes)
+            except ImageReadError as exc:
+                yield Record(f"{key} ({path})", None, label, caption, error=exc.reason)
                 continue
             yield Record(f"{key} ({path})", data, label, caption, payload=(row, out), name=f"{self.source.name}:row {row_number}",
                          output=out)
 
-    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
-        rows = []
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> WriteFailures:
+        rows, failures = [], []
         for record, protected in records:
             if _left_out(record, protected):
                 continue
             row, out = record.payload
             target = dest / out
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_open(target, "wb") as handle:
-                handle.write(protected)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_open(target, "wb") as handle:
+                    handle.write(protected)
+            except OSError as exc:
+                failures.append((record.key, f"cannot write {target} ({exc.strerror or exc})"))
+                continue
             rows.append({**row, self.columns.image: out})
         with atomic_open(part, "w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return failures
 
     def join(self, output: str, parts: list[Path], dest: Path) -> None:
         with atomic_open(dest / output, "w", encoding="utf-8", newline="") as handle:
@@ -369,6 +450,15 @@ def _shards(source: Path, suffix: str) -> list[tuple[Path, str]]:
     return [(p, p.relative_to(source).as_posix()) for p in found]
 
 
+class _ShardFormat(ExportFormat):
+    """A format whose source is one shard file or a folder of them."""
+
+    suffix: ClassVar[str]
+
+    def files_read(self) -> Iterator[Path]:
+        return (path for path, _ in _shards(self.source, self.suffix))
+
+
 def _sample_key(name: str) -> str:
     """WebDataset groups members by path up to the first dot of the file name."""
     folder, _, base = name.rpartition("/")
@@ -376,10 +466,12 @@ def _sample_key(name: str) -> str:
     return f"{folder}/{stem}" if folder else stem
 
 
-def _tar_member_problem(info: tarfile.TarInfo) -> str | None:
+def _tar_member_problem(info: tarfile.TarInfo, max_bytes: int) -> str | None:
     reason = unsafe_member_reason(info.name)
     if reason:
         return reason
+    if info.size > max_bytes:
+        return too_many_bytes(info.size, max_bytes)
     if info.issym():
         return f"symbolic link (to {info.linkname!r})"
     if info.islnk():
@@ -393,12 +485,13 @@ def _tar_member_problem(info: tarfile.TarInfo) -> str | None:
     return None
 
 
-class TarFormat(ExportFormat):
+class TarFormat(_ShardFormat):
     """WebDataset shards: uncompressed ``.tar`` files whose consecutive members sharing a key
     (``000123.jpg``, ``000123.cls``, ``000123.txt``) form one sample. The image member is
     protected (renamed to the output suffix); the other members are copied unchanged."""
 
     name = "tar"
+    suffix = ".tar"
     label_origin = ".cls members"
 
     def units(self, unit_size: int) -> Iterator[Unit]:
@@ -407,23 +500,37 @@ class TarFormat(ExportFormat):
         shards = _shards(self.source, ".tar")
         index = 0
         for path, output in shards:
-            starts = [offset for _, _, offset in self._samples(path, 0, None)]
+            starts = [offset for _, _, offset, _ in self._samples(path, 0, None)]
             for first in range(0, len(starts), unit_size):
                 end = starts[first + unit_size] if first + unit_size < len(starts) else None
                 yield Unit(index, output, min(unit_size, len(starts) - first), (str(path), starts[first], end))
                 index += 1
 
-    def _samples(self, path: Path | str, start: int, end: int | None) -> Iterator[tuple[str, list[tarfile.TarInfo], int]]:
-        """(key, members, header offset) of each sample whose first header lies in [start, end)."""
+    def _samples(
+        self, path: Path | str, start: int, end: int | None
+    ) -> Iterator[tuple[str, list[tarfile.TarInfo], int, str | None]]:
+        """(key, members, header offset, None) of each sample whose first header lies in
+        [start, end); an archive that ends early or holds a bad header ends with
+        ("", [], offset, what is wrong), so the samples it cut off are reported, not lost."""
         with open(path, "rb") as handle:
             handle.seek(start)
             try:
                 archive = tarfile.open(fileobj=handle, mode="r:")
             except tarfile.ReadError as exc:
-                raise FormatError(f"{path}: not an uncompressed tar file ({exc}); decompress compressed shards first") from None
+                if start == 0:
+                    raise FormatError(f"{path}: not an uncompressed tar file ({exc}); decompress compressed shards first") from None
+                yield "", [], start, f"the archive cannot be read from byte {start} on ({exc})"
+                return
             key, members, offset = None, [], start
             while True:
-                info = archive.next()
+                position = archive.offset
+                try:
+                    info = archive.next()
+                except (tarfile.TarError, EOFError, OSError) as exc:
+                    if members:
+                        yield key, members, offset, None
+                    yield "", [], position, f"the archive is truncated or corrupt at byte {position} ({exc}); what follows is lost"
+                    return
                 archive.members.clear()  # tarfile keeps every header it reads; we need none
                 if info is None or (end is not None and info.offset >= end):
                     break
@@ -431,20 +538,23 @@ class TarFormat(ExportFormat):
                     continue
                 member_key = _sample_key(info.name)
                 if members and member_key != key:
-                    yield key, members, offset
+                    yield key, members, offset, None
                     members = []
                 if not members:
                     key, offset = member_key, info.offset
                 members.append(info)
             if members:
-                yield key, members, offset
+                yield key, members, offset, None
 
     def read(self, unit: Unit) -> Iterator[Record]:
         path, start, end = unit.items
         with open(path, "rb") as handle:
-            for key, members, _ in self._samples(path, start, end):
+            for key, members, offset, broken in self._samples(path, start, end):
                 name = f"{path}:{key}"
-                problems = [(info.name, _tar_member_problem(info)) for info in members]
+                if broken is not None:
+                    yield Record(f"{path}:byte {offset}", None, error=broken)
+                    continue
+                problems = [(info.name, _tar_member_problem(info, self.max_bytes)) for info in members]
                 refused = [_refused(member, reason) for member, reason in problems if reason]
                 if refused:
                     yield Record(name, None, error="; ".join(refused))
@@ -453,6 +563,12 @@ class TarFormat(ExportFormat):
                 for info in members:
                     handle.seek(info.offset_data)
                     contents.append(handle.read(info.size))
+                short = [(info, len(data)) for info, data in zip(members, contents) if len(data) != info.size]
+                if short:
+                    info, held = short[0]
+                    yield Record(name, None, error=f"member {info.name!r} declares {info.size:,} bytes but the archive "
+                                 f"holds {held:,} (truncated)")
+                    continue
                 yield self._record(name, f"{Path(path).name}:{key}", unit.output, tuple(members), contents)
 
     def _record(
@@ -474,7 +590,7 @@ class TarFormat(ExportFormat):
         return Record(name, contents[images[0]] if images else None, label, caption, payload=payload, name=stable_name,
                       output=f"{output}:{renamed}")
 
-    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> WriteFailures:
         with atomic_open(part, "wb") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as out:
             for record, protected in records:
                 if _left_out(record, protected):
@@ -487,6 +603,7 @@ class TarFormat(ExportFormat):
                         data = protected
                     member.size = len(data)
                     out.addfile(member, io.BytesIO(data))
+        return []
 
     def join(self, output: str, parts: list[Path], dest: Path) -> None:
         target = dest / output
@@ -502,10 +619,12 @@ class TarFormat(ExportFormat):
 # zip archives
 
 
-def _zip_member_problem(info: zipfile.ZipInfo) -> str | None:
+def _zip_member_problem(info: zipfile.ZipInfo, max_bytes: int) -> str | None:
     reason = unsafe_member_reason(info.filename)
     if reason:
         return reason
+    if info.file_size > max_bytes:
+        return too_many_bytes(info.file_size, max_bytes)
     kind = stat.S_IFMT(info.external_attr >> 16)
     if kind == stat.S_IFLNK:
         return "symbolic link"
@@ -516,11 +635,12 @@ def _zip_member_problem(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-class ZipFormat(ExportFormat):
+class ZipFormat(_ShardFormat):
     """A zip archive; image members are protected (renamed to the output suffix), the others
     copied unchanged. Images inside first-level folders take the folder name as label."""
 
     name = "zip"
+    suffix = ".zip"
     label_origin = "folders"
 
     def units(self, unit_size: int) -> Iterator[Unit]:
@@ -554,19 +674,23 @@ class ZipFormat(ExportFormat):
         with zipfile.ZipFile(path) as archive:
             for info, out, label in members:
                 name = f"{path}:{info.filename}"
-                problem = _zip_member_problem(info)
+                problem = _zip_member_problem(info, self.max_bytes)
                 if problem:
                     yield Record(name, None, label, error=_refused(info.filename, problem))
                     continue
                 try:
-                    data = archive.read(info)
-                except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+                    with archive.open(info) as member:
+                        data = member.read(self.max_bytes + 1)  # a member may hold more than it declares
+                except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, zlib.error) as exc:
                     yield Record(name, None, label, error=f"cannot be read from the archive ({exc})")
+                    continue
+                if len(data) > self.max_bytes:
+                    yield Record(name, None, label, error=_refused(info.filename, too_many_bytes(len(data), self.max_bytes)))
                     continue
                 yield Record(name, data if out else None, label, payload=(info, out, data), name=f"{Path(path).name}:{info.filename}",
                              output=f"{unit.output}:{out or info.filename}")
 
-    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> WriteFailures:
         with atomic_open(part, "wb") as handle, zipfile.ZipFile(handle, "w") as out:
             for record, protected in records:
                 if _left_out(record, protected):
@@ -576,6 +700,7 @@ class ZipFormat(ExportFormat):
                 if out_name is not None:
                     member.filename = out_name
                 out.writestr(member, protected if out_name is not None else original)
+        return []
 
     def join(self, output: str, parts: list[Path], dest: Path) -> None:
         target = dest / output
@@ -600,19 +725,23 @@ def _pyarrow():
     return pyarrow, pyarrow.parquet
 
 
-class ParquetFormat(ExportFormat):
+class ParquetFormat(_ShardFormat):
     """Parquet files with an image column holding encoded bytes, either plain binary or the
     ``{bytes, path}`` struct Hugging Face datasets export. One unit per row group; the schema
     (with its metadata) and the row groups are kept."""
 
     name = "parquet"
+    suffix = ".parquet"
 
     def units(self, unit_size: int) -> Iterator[Unit]:
         _, pq = _pyarrow()
         shards = _shards(self.source, ".parquet")
         index = 0
         for path, output in shards:
-            metadata = pq.ParquetFile(path).metadata
+            try:
+                metadata = pq.ParquetFile(path).metadata
+            except Exception as exc:  # pyarrow raises its own ArrowInvalid/ArrowIOError (and OSError)
+                raise FormatError(f"{path}: not a readable Parquet file ({exc})") from None
             names = metadata.schema.to_arrow_schema().names
             if self.columns.image not in names:
                 raise FormatError(
@@ -627,8 +756,13 @@ class ParquetFormat(ExportFormat):
     def read(self, unit: Unit) -> Iterator[Record]:
         _, pq = _pyarrow()
         path, group, first_row = unit.items
-        table = pq.ParquetFile(path).read_row_group(group)
-        for offset, row in enumerate(table.to_pylist()):
+        try:
+            rows = pq.ParquetFile(path).read_row_group(group).to_pylist()
+        except Exception as exc:  # pyarrow's own errors: the row group is corrupt
+            for offset in range(unit.count):
+                yield Record(f"{path}:row {first_row + offset}", None, error=f"row group {group} cannot be read ({exc})")
+            return
+        for offset, row in enumerate(rows):
             name = f"{path}:row {first_row + offset}"
             cell = row.get(self.columns.image)
             data = cell.get("bytes") if isinstance(cell, dict) else cell
@@ -636,6 +770,9 @@ class ParquetFormat(ExportFormat):
             caption = _text(row.get(self.columns.caption)) if self.columns.caption else None
             if not isinstance(data, (bytes, bytearray)):
                 yield Record(name, None, label, caption, error=f"no image bytes in column {self.columns.image!r}")
+                continue
+            if len(data) > self.max_bytes:
+                yield Record(name, None, label, caption, error=too_many_bytes(len(data), self.max_bytes))
                 continue
             yield Record(name, bytes(data), label, caption, payload=row, name=f"{Path(path).name}:row {first_row + offset}",
                          output=f"{unit.output}:row {first_row + offset}")
@@ -651,13 +788,14 @@ class ParquetFormat(ExportFormat):
             cell = protected
         return {**row, self.columns.image: cell}
 
-    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> None:
+    def write_part(self, unit: Unit, records: ProtectedRecords, part: Path, dest: Path) -> WriteFailures:
         pa, pq = _pyarrow()
         path = unit.items[0]
         schema = pq.ParquetFile(path).schema_arrow
         rows = [self._protected_row(r.payload, p) for r, p in records if not _left_out(r, p)]
         with atomic_open(part, "wb") as handle:
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), handle)
+        return []
 
     def join(self, output: str, parts: list[Path], dest: Path) -> None:
         _, pq = _pyarrow()
@@ -697,12 +835,11 @@ def detect_format(source: Path) -> str:
     return "imagefolder"
 
 
-def open_format(
-    name: str, source: Path, columns: ColumnOptions, image_suffix: str, *, keep_other_files: bool = True
-) -> ExportFormat:
+def open_format(name: str, source: Path, columns: ColumnOptions, image_suffix: str, **options: Any) -> ExportFormat:
+    """The reader/writer of format ``name``; ``options``: keep_other_files, max_bytes, allow_outside."""
     if name not in FORMATS:
         raise FormatError(f"unknown input format {name!r}; choose one of {', '.join(FORMATS)}")
-    return FORMATS[name](source, columns, image_suffix, keep_other_files=keep_other_files)
+    return FORMATS[name](source, columns, image_suffix, **options)
 
 
 def remove_stale_temporaries(folder: Path) -> int:

@@ -24,18 +24,26 @@ Phases:
 
 While a job is unfinished, ``DEST/.protect-state/`` holds its journal, the parts and the fit;
 the same job run again (``--resume`` for ``protect run``) skips what the journal lists and
-writes the same bytes as an uninterrupted job.
+writes the same bytes as an uninterrupted job. A job that stops after writing (interrupted, out
+of memory, disk full) leaves DEST consistent: ``manifest.jsonl`` lists what was written, and
+the state is kept for the rerun, which the message says.
+
+The policy on hostile input (what is read, written, refused, reported, and the resource caps)
+is docs/security.md.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -44,10 +52,18 @@ from protect.config import ConfigError
 from protect.distributed import DistributedFitError, check_devices, fit_data_parallel
 from protect.generator import FitScope, Generator, method_class
 from protect.hardware import device_description, package_versions
-from protect.images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, write_text_atomic
+from protect.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, write_text_atomic
+from protect.metrics import METHOD_NOTE
 from protect.precision import resolved_precision
 from protect.progress import NullReporter, Reporter
-from protect.protector import PROTECTOR_META, PROTECTOR_TENSORS, read_protector_meta, resolve_with_protector, save_protector
+from protect.protector import (
+    PROTECTOR_META,
+    PROTECTOR_TENSORS,
+    read_protector_meta,
+    read_protector_tensors,
+    resolve_with_protector,
+    save_protector,
+)
 from protect.runner.engines import ENGINES, EngineError, default_workers, run_units
 from protect.runner.formats import ColumnOptions, ExportFormat, FormatError, Unit, detect_format, remove_stale_temporaries
 from protect.runner.journal import Journal, JournalState
@@ -62,6 +78,10 @@ PROTECTION_NAME = "protection.json"
 
 class UsageError(ValueError):
     """The job cannot start as asked (paths, options, config); nothing was written."""
+
+
+class JobError(RuntimeError):
+    """The job stopped after it started writing; the message says what is kept and how to finish."""
 
 
 class FileFailure(NamedTuple):
@@ -106,6 +126,8 @@ class Job:
     overwrite: bool = False
     resume: bool | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    allow_outside: bool = False
     fit_whole: bool = False
     keep_other_files: bool = True
     threads: int | None = 1
@@ -117,7 +139,8 @@ class JobSummary:
 
     ``written`` counts every image protected by the job, ``already_done`` those of them done
     before an interruption; ``copied`` counts records without an image passed through
-    unchanged, ``not_images`` the files skipped."""
+    unchanged, ``not_images`` the files skipped; ``problems`` are faults of the whole copy
+    (e.g. no pixel changed), which make the exit code 1 like failed files."""
 
     method: str
     source: Path
@@ -131,6 +154,7 @@ class JobSummary:
     copied: int = 0
     failed: list[FileFailure] = field(default_factory=list)
     not_images: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
     max_levels: int = 0
     mean_psnr: float | None = None
     mean_ssim: float | None = None
@@ -142,7 +166,7 @@ class JobSummary:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.problems else 0
 
 
 @dataclass
@@ -163,6 +187,7 @@ def run_job(job: Job, reporter: Reporter | None = None) -> JobSummary:
     source, dest = Path(job.source), Path(job.dest)
     workers = job.workers or default_workers()
     _check_options(job, workers)
+    _check_limits(job)
     _check_fit_devices(job)
     check_paths(source, dest, job.save_protector_to)
     try:
@@ -177,17 +202,32 @@ def run_job(job: Job, reporter: Reporter | None = None) -> JobSummary:
     spec = JobSpec(
         format=input_format, source=str(source), dest=str(dest), parts_dir=str(dest / STATE_DIR_NAME / "parts"),
         columns=job.columns, method=job.method, config=config, seed=job.seed, device=str(job.device),
-        image_format=job.output_format, max_pixels=job.max_pixels, keep_other_files=job.keep_other_files, threads=job.threads,
+        image_format=job.output_format, max_pixels=job.max_pixels, max_bytes=job.max_bytes,
+        allow_outside=job.allow_outside, keep_other_files=job.keep_other_files, threads=job.threads,
     )
     try:
-        # Built here so that what the method cannot start with (missing weights) is a usage error.
+        # Built here so that what the method cannot start with (missing weights, a damaged
+        # protector) is a usage error, before anything is written.
         generator = new_generator(spec, job.seed)
+        if reused is not None:
+            _load_protector(generator, Path(job.protector))
         fmt = spec.open_format()
         units = list(fmt.units(job.unit_size))
+        _check_dest_reads_nothing(fmt, dest)
     except (ConfigError, FormatError) as exc:
         raise UsageError(str(exc)) from None
     if not units:
         raise UsageError(fmt.nothing_found())
+    created = not dest.exists()
+    with _output_lock(dest):
+        return _run_locked(job, spec, generator, fmt, units, config, reused, workers, started, created, reporter)
+
+
+def _run_locked(
+    job: Job, spec: JobSpec, generator: Generator, fmt: ExportFormat, units: list[Unit], config: dict[str, Any],
+    reused: dict[str, Any] | None, workers: int, started: float, created: bool, reporter: Reporter,
+) -> JobSummary:
+    source, dest, input_format = Path(job.source), Path(job.dest), spec.format
 
     state_dir = dest / STATE_DIR_NAME
     journal = Journal(state_dir / "journal.jsonl")
@@ -195,7 +235,8 @@ def run_job(job: Job, reporter: Reporter | None = None) -> JobSummary:
         "method": job.method, "config": config, "seed": job.seed, "format": input_format, "source": str(source.resolve()),
         "columns": asdict(job.columns), "image_format": job.output_format, "unit_size": job.unit_size,
         "fit": "whole" if job.fit_whole else "shared", "fit_sample": job.fit_sample, "keep_other_files": job.keep_other_files,
-        "protector": reused.get("digest") if reused else None, "max_pixels": job.max_pixels,
+        "protector": reused.get("digest") if reused else None, "max_pixels": job.max_pixels, "max_bytes": job.max_bytes,
+        "allow_outside": job.allow_outside,
     }
     done = _open_journal(journal, settings, dest, job, reporter)
     if not OUTPUT_FORMATS[job.output_format][2]:
@@ -213,12 +254,39 @@ def run_job(job: Job, reporter: Reporter | None = None) -> JobSummary:
     Path(spec.parts_dir).mkdir(parents=True, exist_ok=True)
 
     fit_started = time.perf_counter()
-    fit = _fit_phase(spec, job, generator, units, fmt, state_dir, reused, reporter)
+    try:
+        fit = _fit_phase(spec, job, generator, units, fmt, state_dir, reused, reporter)
+    except UsageError:
+        if done.header is not None and not done.units and not done.fit:  # started by this call: leave nothing behind
+            _forget_unstarted_job(dest, created)
+        raise
     summary.fit_seconds = time.perf_counter() - fit_started if fit.info.get("fitted_now") else 0.0
     summary.fit, summary.labels = fit.description, fit.labels
     fit_record = {"how": fit.description, "labels": fit.labels, **{k: v for k, v in fit.info.items() if k != "fitted_now"}}
     journal.fitted(fit_record)
+    try:
+        _apply_phase(job, fit, fmt, units, done, journal, workers, summary, reporter)
+    except BaseException as exc:
+        note = _keep_progress(journal, dest, len(units), job)
+        if isinstance(exc, (KeyboardInterrupt, UsageError)):
+            reporter.message(note, "warning")
+            raise
+        raise JobError(f"the job stopped: {type(exc).__name__}: {exc}. {note}") from exc
+    summary = _finish(summary, journal.read(), state_dir, settings, str(job.device), started)
+    if summary.failed:
+        reporter.message(
+            f"{len(summary.failed)} file(s) failed; fix or remove them and rerun with --overwrite to protect them too", "warning"
+        )
+    for problem in summary.problems:
+        reporter.message(problem, "error")
+    return summary
 
+
+def _apply_phase(
+    job: Job, fit: _Fit, fmt: ExportFormat, units: list[Unit], done: JournalState, journal: Journal, workers: int,
+    summary: JobSummary, reporter: Reporter,
+) -> None:
+    """Protect the units not done yet, on the engine, and join the parts."""
     apply_started = time.perf_counter()
     pending = [u for u in units if u.index not in done.units]
     summary.units_resumed = len(units) - len(pending)
@@ -243,12 +311,27 @@ def run_job(job: Job, reporter: Reporter | None = None) -> JobSummary:
     summary.apply_seconds = time.perf_counter() - apply_started
     _join_outputs(fit.spec, fmt, units, journal, reporter)
     journal.completed()
-    summary = _finish(summary, journal.read(), state_dir, settings, str(job.device), started)
-    if summary.failed:
-        reporter.message(
-            f"{len(summary.failed)} file(s) failed; fix or remove them and rerun with --overwrite to protect them too", "warning"
-        )
-    return summary
+
+
+def _forget_unstarted_job(dest: Path, created: bool) -> None:
+    """A job refused in its fit phase, before any unit was written, leaves nothing behind."""
+    shutil.rmtree(dest / STATE_DIR_NAME, ignore_errors=True)
+    if created and dest.is_dir() and not any(dest.iterdir()):
+        dest.rmdir()
+
+
+def _keep_progress(journal: Journal, dest: Path, total: int, job: Job) -> str:
+    """After a stop: list what is written in the manifest, and say what is kept and how to finish."""
+    results = [unit for _, unit in sorted(journal.read().units.items())]
+    try:
+        write_text_atomic(dest / MANIFEST_NAME, _manifest_text(results))
+    except OSError:
+        pass  # the disk that stopped the job may refuse this too; the journal still has it
+    again = "run the same command with --resume" if job.fit_whole else "run the same command again"
+    return (
+        f"{len(results)} of {total} units are written and listed in {dest / MANIFEST_NAME}; the fitted noise is kept in "
+        f"{dest / STATE_DIR_NAME} to finish the job: {again} (or delete that folder: it holds the noise)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,6 +373,48 @@ def _check_fit_devices(job: Job) -> None:
     else:
         return
     raise UsageError(f"--fit-devices is for methods fitted once for the whole export on several devices; {job.method} {why}")
+
+
+def _check_limits(job: Job) -> None:
+    if job.max_pixels < 1 or job.max_bytes < 1:
+        raise UsageError(f"--max-pixels and --max-bytes must be at least 1; got {job.max_pixels} and {job.max_bytes}")
+
+
+def _check_dest_reads_nothing(fmt: ExportFormat, dest: Path) -> None:
+    """Refuse a DEST that holds a file the job reads: writing there could replace an original."""
+    out = Path(os.path.realpath(dest))
+    for path in fmt.files_read():
+        real = Path(os.path.realpath(path))
+        if real == out or real.is_relative_to(out):
+            raise UsageError(
+                f"output folder {dest} holds {path}, which the job reads: writing there could replace an original; "
+                "choose an output folder outside the data"
+            )
+
+
+@contextmanager
+def _output_lock(dest: Path) -> Iterator[None]:
+    """An exclusive lock on DEST while the job runs: a second job writing there is refused."""
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        handle = os.open(dest, os.O_RDONLY)
+    except OSError as exc:
+        raise UsageError(f"cannot write into {dest}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another protect job is writing into {dest}; wait for it to finish, or stop it") from None
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
+def _load_protector(generator: Generator, folder: Path) -> None:
+    try:
+        generator.load_state_dict(read_protector_tensors(folder))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{folder / PROTECTOR_TENSORS}: these tensors are not a {generator.name} protector ({exc})") from None
 
 
 def check_paths(source: Path, dest: Path, save_protector_to: Path | str | None) -> None:
@@ -374,8 +499,10 @@ def _fit_phase(
     if reused is not None:
         classes = reused.get("classes") or []
         reporter.message(f"reusing the {job.method} protector saved in {job.protector}: nothing is fitted", "info")
+        spec = _with(spec, protector=str(job.protector), classes=tuple(classes))
+        remember_protector(spec, generator)  # loaded and checked when the job was planned
         return _Fit(
-            _with(spec, protector=str(job.protector), classes=tuple(classes)), f"saved protector ({job.protector})",
+            spec, f"saved protector ({job.protector})",
             f"protector classes ({len(classes)})" if classes else "none",
             {"protector_sha256": reused["digest"], "protector_fitted_on": reused.get("fitted_on")},
         )
@@ -568,9 +695,13 @@ def _finish(
         summary.mean_ssim = sum(r["ssim_sum"] for r in results) / summary.written
     summary.fit = summary.fit or fit_record.get("how", "")
     summary.labels = fit_record.get("labels", summary.labels)
+    if summary.written and summary.max_levels == 0:
+        summary.problems.append(
+            "no output pixel differs from its original: the copy is not protected (check the budget and the method's "
+            "settings; a protector or fit may be broken)"
+        )
     dest = summary.dest
-    manifest = "".join(json.dumps(entry, sort_keys=True) + "\n" for r in results for entry in r["manifest"])
-    write_text_atomic(dest / MANIFEST_NAME, manifest)
+    write_text_atomic(dest / MANIFEST_NAME, _manifest_text(results))
     write_text_atomic(dest / PROTECTION_NAME, json.dumps(_protection_document(summary, settings, fit_record, device), indent=2, sort_keys=True) + "\n")
     # The state holds the fitted noise; the journal goes last, so a kill here is finished by a rerun.
     for path in sorted(state_dir.iterdir()) if state_dir.exists() else []:
@@ -581,6 +712,10 @@ def _finish(
     shutil.rmtree(state_dir, ignore_errors=True)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _manifest_text(results: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(entry, sort_keys=True) + "\n" for r in results for entry in r["manifest"])
 
 
 def _protection_document(
@@ -613,5 +748,7 @@ def _protection_document(
             "max_abs_diff_levels": summary.max_levels,
             "mean_psnr_db": None if psnr is None or not math.isfinite(psnr) else round(psnr, 3),
             "mean_ssim": None if summary.mean_ssim is None else round(summary.mean_ssim, 5),
+            "metrics": METHOD_NOTE,
+            "problems": summary.problems,
         },
     }

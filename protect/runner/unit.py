@@ -29,18 +29,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from protect.budget import apply_perturbation_uint8
+from protect.budget import check_budget, perturb_uint8
 from protect.config import ConfigError
 from protect.generator import Batch, Generator, bounded_perturbation, create_generator, resolve_config
-from protect.images import OUTPUT_FORMATS, ImageReadError, LoadedImage, decode_image, encode_image
+from protect.images import DEFAULT_MAX_BYTES, OUTPUT_FORMATS, ImageReadError, LoadedImage, decode_image, encode_image
 from protect.metrics import psnr, ssim
 from protect.protector import PROTECTOR_TENSORS
 from protect.runner.formats import ColumnOptions, ExportFormat, Record, Unit, open_format
 from protect.runner.labels import labels_for_fit
 from protect.scale import to_image_size, working_tensor
 
-# Images decoded at full resolution at a time: bounds a worker's memory whatever the unit size.
+# Images decoded at full resolution at a time: at most this many, and no more pixels than
+# CHUNK_PIXELS unless one image alone has more. Bounds a worker's memory whatever the unit size.
 CHUNK_IMAGES = 32
+CHUNK_PIXELS = 16_000_000
+# Rows of an image whose noise is rounded and added at a time (bounds the float temporaries).
+APPLY_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class JobSpec:
     device: str
     image_format: str
     max_pixels: int
+    max_bytes: int = DEFAULT_MAX_BYTES
+    allow_outside: bool = False
     keep_other_files: bool = True
     threads: int | None = 1
     protector: str | None = None
@@ -73,7 +79,7 @@ class JobSpec:
     def open_format(self) -> ExportFormat:
         return open_format(
             self.format, Path(self.source), self.columns, OUTPUT_FORMATS[self.image_format][1],
-            keep_other_files=self.keep_other_files,
+            keep_other_files=self.keep_other_files, max_bytes=self.max_bytes, allow_outside=self.allow_outside,
         )
 
     def part_path(self, unit: Unit) -> Path:
@@ -90,9 +96,18 @@ class _Tally:
     failed: list[list[str]] = field(default_factory=list)
     notes: list[list[str]] = field(default_factory=list)
     entries: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # the record key of each entry
 
     def fail(self, key: str, reason: str) -> None:
         self.failed.append([key, reason])
+
+    def unwritten(self, key: str, reason: str) -> None:
+        """A record protected but not written: failed, and out of the manifest and the totals."""
+        self.fail(key, reason)
+        if key in self.keys:
+            position = self.keys.index(key)
+            del self.keys[position], self.entries[position]
+            self.written -= 1
 
 
 def unit_seed(seed: int, unit_index: int) -> int:
@@ -231,7 +246,8 @@ def _process_unit(job: JobSpec, unit: Unit) -> dict[str, Any]:
     else:
         generator, place, pseudo = _fit_unit(job, unit, fmt)
     records = _protect_records(fmt.read(unit), generator, place, pseudo, job, tally)
-    fmt.write_part(unit, records, job.part_path(unit), Path(job.dest))
+    for key, reason in fmt.write_part(unit, records, job.part_path(unit), Path(job.dest)):
+        tally.unwritten(key, reason)
     return {
         "unit": unit.index,
         "output": unit.output,
@@ -279,7 +295,7 @@ def _protect_records(
     """The records in order, each with its protected image bytes (None when it has no image or
     failed), decoding at most :data:`CHUNK_IMAGES` images at a time."""
     pending: list[_Pending] = []
-    images_pending = 0
+    images_pending = pixels_pending = 0
     for record, image, problem in decoded_records(records, job):
         if problem is None and image is not None:
             try:
@@ -289,6 +305,7 @@ def _protect_records(
             else:
                 pending.append((record, image, label, row))
                 images_pending += 1
+                pixels_pending += image.size[0] * image.size[1]
                 tally.notes.extend([record.key, note] for note in image.notes)
         if problem is not None:
             tally.fail(record.key, problem)
@@ -296,9 +313,9 @@ def _protect_records(
         elif image is None:
             tally.copied += 1
             pending.append((record, None, None, -1))
-        if images_pending >= CHUNK_IMAGES:
+        if images_pending >= CHUNK_IMAGES or pixels_pending >= CHUNK_PIXELS:
             yield from _protect_chunk(pending, generator, pseudo, job, tally)
-            pending, images_pending = [], 0
+            pending, images_pending, pixels_pending = [], 0, 0
     yield from _protect_chunk(pending, generator, pseudo, job, tally)
 
 
@@ -324,7 +341,14 @@ def _chunk_perturbations(todo: list[_Pending], generator: Generator, tally: _Tal
         return {}
     try:
         bounded = bounded_perturbation(generator, _records_batch(todo, generator)).cpu()
-        return {row: delta for (*_, row), delta in zip(todo, bounded)}
+        deltas = {}
+        for (record, *_, row), delta in zip(todo, bounded):
+            if torch.isfinite(delta).all():
+                deltas[row] = delta
+            else:
+                tally.fail(record.key, f"{generator.name} returned noise that is not a number (NaN or inf): its fit or "
+                           "protector is broken; nothing was written for it")
+        return deltas
     except ConfigError as exc:
         if len(todo) == 1:
             tally.fail(todo[0][0].key, str(exc))
@@ -346,12 +370,20 @@ def _protect_chunk(
             yield record, None
             continue
         width, height = image.size
-        protected = apply_perturbation_uint8(image.rgb, to_image_size(deltas[row], width, height), eps)
-        encoded = encode_image(protected, image.alpha, job.image_format, image.icc_profile)
+        try:
+            protected, levels = _apply(image.rgb, deltas[row], eps)
+            encoded = encode_image(protected, image.alpha, job.image_format, image.icc_profile)
+            quality = psnr(image.rgb, protected), ssim(image.rgb, protected)
+        except MemoryError:
+            # Nothing of it is written yet; the record fails by name and the job goes on.
+            tally.fail(record.key, f"ran out of memory while protecting it ({width}x{height}); lower --max-pixels "
+                       "or free memory")
+            yield record, None
+            continue
         tally.written += 1
-        tally.max_levels = max(tally.max_levels, int(np.abs(protected.astype(np.int16) - image.rgb).max(initial=0)))
-        tally.psnr_sum += psnr(image.rgb, protected)
-        tally.ssim_sum += ssim(image.rgb, protected)
+        tally.max_levels = max(tally.max_levels, levels)
+        tally.psnr_sum += quality[0]
+        tally.ssim_sum += quality[1]
         entry: dict[str, Any] = {
             "input": record.name or record.key,
             "output": record.output,
@@ -365,5 +397,24 @@ def _protect_chunk(
         }
         if pseudo and label is not None:
             entry["pseudo_label"] = label
+        if image.notes:
+            entry["notes"] = image.notes
         tally.entries.append(entry)
+        tally.keys.append(record.key)
         yield record, encoded
+
+
+def _apply(rgb: np.ndarray, delta: torch.Tensor, eps: float) -> tuple[np.ndarray, int]:
+    """The protected copy of ``rgb`` (uint8 H x W x 3) with the working-resolution ``delta``
+    mapped to its size, rounded to levels and added a band of rows at a time, so the float
+    temporaries of a large photo stay small; and its largest change in levels, checked
+    against the budget."""
+    height, width = rgb.shape[:2]
+    full = torch.from_numpy(to_image_size(delta, width, height))  # (H, W, 3) float32 view
+    protected = np.empty_like(rgb)
+    largest = 0
+    for top in range(0, height, APPLY_ROWS):
+        rows = slice(top, top + APPLY_ROWS)
+        protected[rows] = perturb_uint8(torch.from_numpy(rgb[rows]), full[rows].contiguous(), eps).numpy()
+        largest = max(largest, check_budget(rgb[rows], protected[rows], eps))
+    return protected, largest

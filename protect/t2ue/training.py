@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from protect.budget import check_eps
+from protect.generator import MAX_RESOLUTION
 from protect.models.clip import ClipEncoders, load_clip
 from protect.precision import autocast, check_precision
 from protect.progress import NullReporter, Reporter
@@ -65,10 +67,9 @@ class T2UETrainConfig:
     precision: str = "auto"
 
     def validate(self) -> None:
-        if not 0 < self.eps < 1:
-            raise ValueError(f"eps must be in (0, 1), e.g. 8/255; got {self.eps}")
-        if self.resolution < 4 or self.z_dim < 1 or self.width < 8:
-            raise ValueError("resolution must be >= 4, z_dim >= 1 and width >= 8")
+        check_eps(self.eps)
+        if not 4 <= self.resolution <= MAX_RESOLUTION or self.z_dim < 1 or self.width < 8:
+            raise ValueError(f"resolution must be in 4..{MAX_RESOLUTION}, z_dim >= 1 and width >= 8")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2 (InfoNCE needs negatives)")
         if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.bn_batches < 0:
