@@ -7,9 +7,10 @@ import torch
 import torch.nn as nn
 
 from protect.generator import create_generator, resolve_config
-from protect.methods.error_minimising import min_min_pgd
+from protect.methods.error_minimising import min_min_pgd, surrogate_loss
 
 EPS = 8 / 255
+NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 
 
 def tiny_set(n_per_class: int = 8, classes: int = 3, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +72,7 @@ def test_an_image_below_the_exit_loss_keeps_its_noise() -> None:
     images[:, 0] = 1.0
     labels = torch.tensor([0, 1])
     start = (torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1) * EPS
-    delta, correct, image_steps = min_min_pgd(model, images, labels, start, steps=5, step_size=EPS / 4, eps=EPS, exit_loss=0.1)
+    delta, correct, image_steps = min_min_pgd(surrogate_loss(model, NO_AUTOCAST), images, labels, start, steps=5, step_size=EPS / 4, eps=EPS, exit_loss=0.1)
     assert torch.equal(delta[0], start[0]), "the skipped image's noise must be kept as it was"
     assert not torch.equal(delta[1], start[1])
     assert delta.abs().max() <= EPS + 1e-7
@@ -85,9 +86,9 @@ def test_exits_follow_the_loss_threshold() -> None:
     x = images.float().div(255)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
     start = torch.zeros_like(x)
-    kept, _, steps_kept = min_min_pgd(model, x, labels, start, steps=3, step_size=EPS / 3, eps=EPS, exit_loss=1e9)
+    kept, _, steps_kept = min_min_pgd(surrogate_loss(model, NO_AUTOCAST), x, labels, start, steps=3, step_size=EPS / 3, eps=EPS, exit_loss=1e9)
     assert torch.equal(kept, start) and steps_kept == len(x)
-    moved, correct, steps_all = min_min_pgd(model, x, labels, start, steps=3, step_size=EPS / 3, eps=EPS, exit_loss=0.0)
+    moved, correct, steps_all = min_min_pgd(surrogate_loss(model, NO_AUTOCAST), x, labels, start, steps=3, step_size=EPS / 3, eps=EPS, exit_loss=0.0)
     assert steps_all == 3 * len(x) and (moved - start).abs().amax(dim=(1, 2, 3)).min() > 0
-    paper, none, steps_paper = min_min_pgd(model, x, labels, start, steps=3, step_size=EPS / 3, eps=EPS)
+    paper, none, steps_paper = min_min_pgd(surrogate_loss(model, NO_AUTOCAST), x, labels, start, steps=3, step_size=EPS / 3, eps=EPS)
     assert none is None and steps_paper == steps_all and torch.allclose(paper, moved, atol=1e-6)

@@ -74,12 +74,24 @@ class SampleWiseConfig(ErrorMinimisingConfig):
             raise ValueError(f"exit_loss must be >= 0; got {self.exit_loss}")
 
 
-#: logits of a surrogate for a batch of noisy images (float (N,3,H,W) in [0,1]) -> (N, classes)
-Logits = Callable[[torch.Tensor], torch.Tensor]
+#: (noisy images float (N,3,H,W) in [0,1], labels (N,)) -> (each image's loss (N,), whether the
+#: surrogate classifies it correctly (N,) bool): what the noise minimises
+ImageLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def surrogate_loss(model: nn.Module, autocast: torch.autocast) -> ImageLoss:
+    """The plain min-min objective: the surrogate's cross-entropy on the noisy images."""
+
+    def loss_of(noisy: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast:
+            logits = model(noisy.contiguous(memory_format=torch.channels_last))
+        return F.cross_entropy(logits.float(), labels, reduction="none"), logits.argmax(1) == labels
+
+    return loss_of
 
 
 def min_min_pgd(
-    logits_of: Logits,
+    loss_of: ImageLoss,
     images: torch.Tensor,
     labels: torch.Tensor,
     start: torch.Tensor,
@@ -91,8 +103,8 @@ def min_min_pgd(
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """PGD that descends the classification loss: the inner minimisation of min-min.
 
-    images: float (N,3,H,W) in [0,1]; start: initial perturbation; ``logits_of`` runs the
-    surrogate (under autocast) on noisy images. Returns the perturbation in the eps ball (not
+    images: float (N,3,H,W) in [0,1]; start: initial perturbation; ``loss_of`` scores noisy
+    images (:func:`surrogate_loss`, or a robust variant). Returns the perturbation in the eps ball (not
     clipped to the pixel range, so class-wise averages stay unbiased), and the number of
     image-steps taken.
 
@@ -105,8 +117,7 @@ def min_min_pgd(
         delta = start
         for _ in range(steps):
             noisy = (images + delta).clamp(0, 1).requires_grad_(True)
-            loss = F.cross_entropy(logits_of(noisy), labels)
-            (grad,) = torch.autograd.grad(loss, noisy)
+            (grad,) = torch.autograd.grad(loss_of(noisy, labels)[0].mean(), noisy)
             delta = project_linf(signed_gradient_step(noisy.detach(), grad, step_size, descend=True) - images, eps)
         return delta.detach(), None, steps * len(images)
 
@@ -120,10 +131,9 @@ def min_min_pgd(
         last = step == steps
         noisy = (x + delta[rows]).clamp(0, 1).requires_grad_(not last)
         with torch.set_grad_enabled(not last):
-            logits = logits_of(noisy)
-            per_image = F.cross_entropy(logits.float(), y, reduction="none")
+            per_image, hit = loss_of(noisy, y)
         live = ~done[rows]
-        correct[rows[live]] = (logits.argmax(1) == y)[live]
+        correct[rows[live]] = hit[live]
         if last:
             break
         moving = live & (per_image.detach() >= exit_loss)
@@ -258,7 +268,14 @@ class _MinMin(StoredNoiseGenerator):
                 self._pending_batches = next(train_order)
             idx = self._pending_batches.pop(0)
             mine = self.ranks.share(idx)
-            sgd_step(model, optimizer, *self._noisy(x_all, y_all, mine), self.autocast(), ranks=self.ranks, share=len(mine) / len(idx))
+            noisy, y = self._noisy(x_all, y_all, mine)
+            sgd_step(model, optimizer, self._surrogate_batch(model, noisy, y), y, self.autocast(),
+                     ranks=self.ranks, share=len(mine) / len(idx))
+
+    def _surrogate_batch(self, model: nn.Module, noisy: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What the surrogate trains on, given a batch of noisy images (robust variants transform
+        and attack them)."""
+        return noisy
 
     def _noisy(self, x_all: torch.Tensor, y_all: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x_all[idx].to(self.device)
@@ -267,12 +284,9 @@ class _MinMin(StoredNoiseGenerator):
         noisy = (x + delta).clamp(0, 1).contiguous(memory_format=torch.channels_last)
         return noisy, y
 
-    def _surrogate_logits(self, model: nn.Module) -> Logits:
-        def logits_of(noisy: torch.Tensor) -> torch.Tensor:
-            with self.autocast():
-                return model(noisy.contiguous(memory_format=torch.channels_last))
-
-        return logits_of
+    def _noise_loss(self, model: nn.Module) -> ImageLoss:
+        """What the noise pass minimises (robust variants wrap the surrogate in more)."""
+        return surrogate_loss(model, self.autocast())
 
     def _noise_pass_batch(self, model, x_all, y_all, idx) -> int | None:
         """PGD on this process's share of the batch; the shares are gathered so that every
@@ -287,7 +301,7 @@ class _MinMin(StoredNoiseGenerator):
         delta, correct, wrong = start, None, 0
         if len(mine):
             delta, correct, steps_taken = min_min_pgd(
-                self._surrogate_logits(model), x, y, start,
+                self._noise_loss(model), x, y, start,
                 steps=cfg.steps, step_size=cfg.step_size, eps=cfg.eps, exit_loss=self._exit_loss(),
             )
             self.image_steps += steps_taken
