@@ -11,7 +11,7 @@ countermeasures of ``protect verify``), so the shortcut also survives those.
 
 The min-min loop, its storage and its stop criterion are error-minimising noise's
 (:mod:`protect.methods.error_minimising`); here the surrogate's loss gains the inner
-maximisation and the transformations. The stop criterion is scored on that robust loss.
+maximisation and the transformations. The stop criterion is scored on that robust loss (error after transformation and attack).
 
 - ``em-robust``: one noise per image; ``em-robust-classwise``: one per class.
 Defaults: REM's official code (fshp971/robust-unlearnable-examples) where it fits a CPU, and
@@ -231,19 +231,6 @@ class _Robust:
             return F.cross_entropy(logits.float(), labels, reduction="none"), logits.argmax(1) == labels
 
         return loss_of
-
-    def _error_on_noisy_data(self, model, x_all, y_all) -> float:
-        """The stop criterion on the robust loss: error after transformation and attack."""
-        model.eval()
-        loss_of = self._noise_loss(model)
-        wrong = 0
-        for idx in torch.arange(len(x_all)).split(self.config.batch_size):
-            mine = self.ranks.share(idx)
-            if len(mine):
-                noisy, y = self._noisy(x_all, y_all, mine)
-                with torch.no_grad():
-                    wrong += int((~loss_of(noisy, y)[1]).sum())
-        return self.ranks.total(wrong) / len(x_all)
 
 
 @register("em-robust")

@@ -312,16 +312,18 @@ class _MinMin(StoredNoiseGenerator):
         self._store(idx, y_all[idx], delta.cpu())
         return wrong
 
-    @torch.no_grad()
     def _error_on_noisy_data(self, model, x_all, y_all) -> float:
+        """The stop criterion: the share of noisy images that the noise pass's objective
+        (:meth:`_noise_loss`) finds misclassified."""
         model.eval()
+        loss_of = self._noise_loss(model)
         wrong = 0
         for idx in torch.arange(len(x_all)).split(self.config.batch_size):
             mine = self.ranks.share(idx)
             if len(mine):
-                x, y = self._noisy(x_all, y_all, mine)
-                with self.autocast():
-                    wrong += int((model(x).argmax(1) != y).sum())
+                noisy, y = self._noisy(x_all, y_all, mine)
+                with torch.no_grad():
+                    wrong += int((~loss_of(noisy, y)[1]).sum())
         return self.ranks.total(wrong) / len(x_all)
 
     def fit_summary(self) -> dict[str, Any]:
