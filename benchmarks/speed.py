@@ -92,6 +92,7 @@ def run_child(step: str, method: str, sets: list[str], subset: Path, n: int, sta
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        reason = reason.split("Error: ", 1)[-1]  # the message, without the exception's module path
         return {"error": reason}
     return json.loads(lines[-1])
 
