@@ -108,7 +108,7 @@ def test_robust_noise_survives_jpeg_better_than_plain_noise() -> None:
         pytest.skip("../shared/data/cifar10 not found: the real-data test needs the shared CIFAR-10 folder")
     from attacks.data import ImageSet, load_image_folder
     from attacks.train import TrainConfig, train_classifier
-    from attacks.victims import build_victim
+    from protect.models import build_classifier
     from protect.budget import perturb_uint8
     from protect.generator import Batch, bounded_perturbation
 
@@ -129,7 +129,7 @@ def test_robust_noise_survives_jpeg_better_than_plain_noise() -> None:
         "plain": protected("em-samplewise"),
         "robust": protected("em-robust", eot=["jpeg"], rho_a=0.0, atk_steps=0, stop_error=0.01),
     }.items():
-        victim = build_victim("small-cnn", 10, seed=0)
+        victim = build_classifier("small-cnn", 10, seed=0)
         accuracy[name] = train_classifier(victim, data, test, TrainConfig(epochs=12, batch_size=50, lr=0.1), seed=0,
                                           data_transform=jpeg).final
     print(f"\nJPEG-trained victim accuracy: {accuracy}")
