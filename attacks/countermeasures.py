@@ -9,6 +9,7 @@ Clean/protected mixing is a property of the training set and handled by the veri
 
 from __future__ import annotations
 
+import inspect
 import io
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -224,10 +225,25 @@ _FACTORIES: dict[str, tuple[str, Callable[..., Any], str]] = {
     "mixup": ("batch", mixup, "mixup (alpha 1)"),
     "cutmix": ("batch", cutmix, "cutmix (alpha 1)"),
     "adv-training": ("batch", adversarial_training, "PGD adversarial training (8/255, 2/255, 5 steps)"),
+    # REM's radius (Fu et al., ICLR 2022: robust noise at 8/255 is built against adversaries up to 4/255)
+    "adv-training-4": ("batch", lambda eps=4 / 255, step_size=1 / 255, steps=5: adversarial_training(eps, step_size, steps),
+                       "PGD adversarial training (4/255, 1/255, 5 steps)"),
     "ueraser-lite": ("batch", ueraser_lite, "UEraser-lite: strong augmentation, max loss over 5 copies"),
 }
 
 COUNTERMEASURES = ("none", *_FACTORIES, "mix")
+
+
+def label(name: str, settings: dict[str, Any] | None = None) -> str:
+    """The countermeasure's name as a card shows it: with its radius where it has one, e.g.
+    ``adv-training (8/255)``."""
+    if name not in _FACTORIES:
+        return name
+    parameter = inspect.signature(_FACTORIES[name][1]).parameters.get("eps")
+    if parameter is None:
+        return name
+    eps = (settings or {}).get("eps", parameter.default)
+    return f"{name} ({eps * 255:.3g}/255)"
 
 
 def build_countermeasure(name: str, **settings: Any) -> Countermeasure:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from attacks.countermeasures import label
 from attacks.verify import DATA_KINDS, VerifyData
 
 WEAK_BASELINE_MARGIN = 0.20  # clean accuracy must beat chance by this much to mean anything
@@ -196,6 +197,7 @@ def _markdown(
 ) -> str:
     protection = data.protection
     summary = protection.get("summary", {})
+    designed = set(protection.get("designed_against", []))
     chance = 100.0 * data.chance
     lines = [
         "# Protection card",
@@ -224,7 +226,8 @@ def _markdown(
         verdict = row["verdict"]["text"]
         verdict = f"**{verdict}**" if row["verdict"]["protected"] is False else verdict
         star = "*" if row["clean_baseline"] != "same countermeasure" else ""
-        lines.append(f"| {row['victim']} | {row['countermeasure']}{star} | " + " | ".join(cells) + f" | {verdict} |")
+        star += " ◆" if row["countermeasure"] in designed else ""
+        lines.append(f"| {row['victim']} | {label(row['countermeasure'], row['settings'])}{star} | " + " | ".join(cells) + f" | {verdict} |")
     recall_rows = [row for row in rows if any("recall" in (row.get(kind) or {}) for kind in DATA_KINDS)]
     if recall_rows:
         lines += ["", "Contrastive victims (clip-*) report zero-shot accuracy above; their retrieval recall on the clean "
@@ -236,7 +239,8 @@ def _markdown(
                     shown = " ".join(f"{100 * recall[f'{d}_r{k}']:.1f}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10))
                     lines.append(f"- {row['victim']} / {row['countermeasure']} / {kind}: {shown}")
     lines += ["", "A row is *protected* when the protected-data victim ends within 10 points of chance or below half "
-              "the clean baseline. Rows marked * compare with the plain clean run (no countermeasure).", ""]
+              "the clean baseline. Rows marked * compare with the plain clean run (no countermeasure)."
+              + (" Rows marked ◆ are countermeasures the method was built to resist." if designed else ""), ""]
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     lines += [

@@ -128,6 +128,12 @@ class Generator(ABC):
     def perturb(self, batch: Batch) -> torch.Tensor:
         """Return float32 (N, 3, R, R) perturbations for ``batch`` (before projection)."""
 
+    @classmethod
+    def designed_against(cls, config: dict[str, Any]) -> tuple[str, ...]:
+        """Names of the ``protect verify`` countermeasures the method, with this resolved config,
+        is built to resist: recorded in protection.json, marked on the protection card."""
+        return ()
+
     def fit_summary(self) -> dict[str, Any]:
         """JSON-ready facts about the last :meth:`fit` (rounds, convergence), recorded with the output."""
         return {}

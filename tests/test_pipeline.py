@@ -633,7 +633,7 @@ def test_config_errors_name_key_and_source(tmp_path: Path) -> None:
         resolve_config("em-samplewise", overrides={"surrogate": "vgg"})
     with pytest.raises(ConfigError, match="not found"):
         resolve_config("random", config_file=tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match="unknown method 'nope'; available: bayes, clusters, em-classwise, em-samplewise"):
+    with pytest.raises(ConfigError, match="unknown method 'nope'; available: bayes, clusters, em-classwise, em-robust, em-robust-classwise, em-samplewise"):
         resolve_config("nope")
 
 

@@ -739,6 +739,7 @@ def _protection_document(
         "precision": resolved_precision(device, config.get("precision", "fp32")),
         "labels": summary.labels,
         "fit": fit,
+        "designed_against": list(method_class(settings["method"]).designed_against(config)),
         "versions": package_versions(),
         "summary": {
             "written": summary.written,
