@@ -44,7 +44,7 @@ from protect.training_state import tensor_fingerprint
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from p0 import build_subset, generate  # noqa: E402
-from tables import machine, write_table  # noqa: E402
+from tables import command_line, machine, print_markdown_table, write_table  # noqa: E402
 
 VICTIM = "small-cnn"
 
@@ -126,44 +126,45 @@ def run_mixing(args: argparse.Namespace) -> None:
         clean, protected, gen = _protected_set(method, label, overrides.get(method, []), subset, work, args.regenerate)
         gen_rows.append([label, round(gen["seconds"]), round(gen["fit_seconds"] or 0), _steps_run(gen["fit"]),
                          round(gen["peak_rss_mib"]) if gen.get("peak_rss_mib") else None, gen["psnr"]])
+        full_row = [label]
         for augment in augments:
             everything = runs("all-clean", clean, augment)
             for fraction in fractions:
                 if fraction == 0:
-                    full = runs(f"{label}-protected", protected, augment)
-                    full_rows.append([label, "yes" if augment else "no", _pct(full), _pct(everything)])
+                    full_row += [_pct(runs(f"{label}-protected", protected, augment)), _pct(everything)]
                     continue
-                # seed s of a fraction mixes with mix_with_clean(..., seed=s); its clean part is the same images
+                # seed s mixes with mix_with_clean(..., seed=s); its clean part is the same images alone
                 mixed = [_cell(work, f"{label}-mix{fraction}", mix_with_clean(protected, clean, fraction, s), test,
                                augment=augment, seed=s, epochs=args.epochs)["final"] for s in seeds]
                 part = [_cell(work, f"clean-part{fraction}", clean_part(clean, fraction, s), test,
                               augment=augment, seed=s, epochs=args.epochs)["final"] for s in seeds]
                 mix_rows.append([label, f"{fraction:.0%}", "yes" if augment else "no", _pct(mixed), _pct(part),
                                  _pct(everything), _effect(mixed, part)])
+        if 0 in fractions:
+            full_rows.append(full_row)
 
-    command = "python benchmarks/p0_mix.py " + " ".join(sys.argv[1:])
     protocol = f"P0 mixing, small-CNN victim, {args.epochs} epochs, {args.seeds} seeds"
-    suffix = f"-{args.tag}" if args.tag else ""
+    suffix = "-" + re.sub(r"[^a-z0-9-]+", "-", args.tag.lower()) if args.tag else ""
+    victims = [f"{kind}, {'augmented' if augment else 'no augmentation'}" for augment in augments for kind in ("protected", "all clean")]
     tables = [
         (f"p0-mix{suffix}", "Mixed with clean data: mixed vs clean part only vs all clean (clean test accuracy %)",
          ["method", "clean fraction", "augmentation", "mixed", "clean part only", "all clean", "protected part made it"],
-         mix_rows, "'protected part made it': mixed minus clean part only, in points; 'unclear' when within the larger "
-         "seed-to-seed standard deviation."),
-        (f"p0-mix-full{suffix}", "100% protected (clean test accuracy %)",
-         ["method", "augmentation", "protected", "all clean"], full_rows, ""),
-        (f"p0-mix-generation{suffix}", "Generation of the protected sets (10,000 images)",
+         mix_rows, "Mixed: the clean fraction of the images plus the protected copies of the rest; clean part only: "
+         "those clean images alone; 'protected part made it': mixed minus clean part only, in points, 'unclear' "
+         "when within the larger seed-to-seed standard deviation."),
+        (f"p0-mix-full{suffix}", "100% protected (clean test accuracy %)", ["method", *victims], full_rows, ""),
+        (f"p0-mix-generation{suffix}", f"Generation of the protected sets ({10 * args.per_class:,} images)",
          ["method", "wall s", "fit s", "steps / rounds", "peak RSS MiB", "PSNR dB"], gen_rows,
-         "Wall time of `protect run` (reading, fitting, writing 10,000 PNGs); peak RSS of that process."),
+         "Wall time of `protect run` (reading, fitting, writing the PNGs); peak RSS of that process."),
     ]
     for name, title, columns, rows, notes in tables:
         if not rows:
             continue
-        print(f"\n### {title}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-        for row in rows:
-            print("| " + " | ".join("–" if c is None else str(c) for c in row) + " |")
+        print(f"\n### {title}\n")
+        print_markdown_table(columns, rows)
         if args.per_class == 1000 and args.store:
-            write_table(name, title=title, command=command, protocol=protocol, columns=columns, rows=rows,
-                        hardware=machine(), notes=notes, section="P0 mixing")
+            write_table(name, title=title, command=command_line(), protocol=protocol, columns=columns, rows=rows,
+                        hardware=machine(), notes=notes, section="P0: mixed with clean data")
 
 
 def _estimator_cost(n: int, dim: int, chunk: int, queue: multiprocessing.Queue) -> None:
@@ -200,13 +201,11 @@ def run_scaling(args: argparse.Namespace) -> None:
             rows.append([dim, n, round(seconds, 3), round(extra_mib)])
             print(f"D={dim} N={n}: {seconds:.3f} s, +{extra_mib:.0f} MiB", file=sys.stderr, flush=True)
     columns = ["feature dim", "images N", "seconds (median of 3)", "extra peak memory MiB"]
-    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(c) for c in row) + " |")
+    print_markdown_table(columns, rows)
     if args.store:
         write_table("p0-bayes-estimator-cost", title="bayes: the estimator's cost per outer step as N doubles",
-                    command="python benchmarks/p0_mix.py --scaling", protocol="estimator only, random features",
-                    columns=columns, rows=rows, hardware=machine(precision="fp32"), section="P0 mixing",
+                    command=command_line(), protocol="estimator only, random features",
+                    columns=columns, rows=rows, hardware=machine(precision="fp32"), section="P0: mixed with clean data",
                     notes=f"Estimate plus full-set gradient on N random features, {args.chunk_size} rows per chunk, "
                           "float32; extra peak memory is the rise of the process's peak RSS above holding the "
                           "features. D = 64 is the small CNN's feature size, 512 the ResNet-18's.")
