@@ -92,6 +92,11 @@ def verify(
         values = [f"{100 * row[k]['final']['mean']:.1f}" if row.get(k) else "–" for k in ("clean", "control", "protected")]
         table.add_row(row["victim"], row["countermeasure"], *values, row["verdict"]["text"])
     out.print(table)
+    for row in rows:
+        if "mix_effect" in row:
+            out.print(f"{row['victim']} / mix with {row['settings']['clean_fraction']:.0%} clean: "
+                      f"{100 * row['protected']['final']['mean']:.1f}% mixed vs {100 * row['clean-part']['final']['mean']:.1f}% "
+                      f"on the clean part alone: {row['mix_effect']['text']}", highlight=False)
     for warning in document["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {warning}", markup=True, highlight=False)
 

@@ -29,6 +29,10 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, index: torch.Tensor) -> "ImageSet":
+        """The images at positions ``index`` (int64), in that order."""
+        return ImageSet(self.images[index], self.labels[index], self.classes, [self.paths[i] for i in index.tolist()])
+
 
 def load_image_folder(
     root: Path | str, *, size: int = 32, per_class: int | None = None, classes: list[str] | None = None
@@ -141,11 +145,22 @@ def load_pairs(protected_dir: Path | str, clean_dir: Path | str, *, size: int = 
     )
 
 
+def clean_choice(n: int, clean_fraction: float, seed: int) -> torch.Tensor:
+    """The positions (int64, random order) that a mix with ``clean_fraction`` of ``n`` images keeps clean."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return torch.randperm(n, generator=gen)[: round(clean_fraction * n)]
+
+
 def mix_with_clean(protected: ImageSet, clean: ImageSet, clean_fraction: float, seed: int) -> ImageSet:
     """Replace a random ``clean_fraction`` of the protected images by their clean originals
     (the two sets aligned image by image)."""
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    chosen = torch.randperm(len(protected), generator=gen)[: round(clean_fraction * len(protected))]
+    chosen = clean_choice(len(protected), clean_fraction, seed)
     images = protected.images.clone()
     images[chosen] = clean.images[chosen]
     return ImageSet(images, protected.labels, protected.classes, protected.paths)
+
+
+def clean_part(clean: ImageSet, clean_fraction: float, seed: int) -> ImageSet:
+    """Only the images that :func:`mix_with_clean` keeps clean, in set order: what a scraper
+    would have without the protected part, the baseline a mixed run is compared with."""
+    return clean.take(clean_choice(len(clean), clean_fraction, seed).sort().values)

@@ -3,7 +3,8 @@
 Verdict per row (victim x countermeasure): *protected* when the protected-data victim's final
 clean test accuracy is within 10 points of chance or below half of the clean baseline;
 otherwise *NOT protected*. Peak accuracy over epochs is reported too, since stopping early is
-itself a countermeasure.
+itself a countermeasure. A clean/protected mix is also compared with its clean part alone: the
+card says whether adding the protected images made the victim better or worse.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from attacks.countermeasures import label
-from attacks.verify import DATA_KINDS, VerifyData
+from attacks.verify import CLEAN_PART, DATA_KINDS, VerifyData
 
 WEAK_BASELINE_MARGIN = 0.20  # clean accuracy must beat chance by this much to mean anything
 CHANCE_MARGIN = 0.10
@@ -64,7 +65,7 @@ def summarise(results: list[dict[str, Any]], chance: float) -> list[dict[str, An
             baseline = "plain clean run"
         row: dict[str, Any] = {"victim": victim, "countermeasure": countermeasure, "settings": settings,
                                "clean_baseline": baseline}
-        for kind in DATA_KINDS:
+        for kind in (*DATA_KINDS, CLEAN_PART):
             if runs.get(kind):
                 row[kind] = {
                     "final": _stats([r["final"] for r in runs[kind]]),
@@ -75,6 +76,8 @@ def summarise(results: list[dict[str, Any]], chance: float) -> list[dict[str, An
                 if all("recall" in r for r in runs[kind]):  # contrastive victims: mean retrieval recall
                     row[kind]["recall"] = {k: float(np.mean([r["recall"][k] for r in runs[kind]])) for k in runs[kind][0]["recall"]}
         row["verdict"] = _verdict(row, chance)
+        if CLEAN_PART in row and "protected" in row:
+            row["mix_effect"] = _mix_effect(row)
         rows.append(row)
     return rows
 
@@ -97,6 +100,19 @@ def _verdict(row: dict[str, Any], chance: float) -> dict[str, Any]:
     if protected and not passes(peak):
         text += f" (but peak accuracy {100 * peak:.1f}% during training: early stopping defeats it)"
     return {"protected": protected, "peak_protected": passes(peak), "text": text}
+
+
+def _mix_effect(row: dict[str, Any]) -> dict[str, Any]:
+    """Whether adding the protected part to the clean part made the victim better or worse
+    (mean final accuracy); a difference within the larger seed-to-seed spread is called unclear."""
+    mixed, part = row["protected"]["final"], row[CLEAN_PART]["final"]
+    change = mixed["mean"] - part["mean"]
+    spread = max(mixed["std"], part["std"])
+    effect = "unclear" if abs(change) <= spread else "worse" if change < 0 else "better"
+    text = {"worse": "adding the protected part made the victim worse than its clean part alone",
+            "better": "adding the protected part made the victim better: the protected images still teach it",
+            "unclear": "adding the protected part changed the victim by less than the spread over seeds"}[effect]
+    return {"effect": effect, "change": change, "text": f"{text} ({100 * change:+.1f} points)"}
 
 
 def evaluation_warnings(rows: list[dict[str, Any]], data: VerifyData) -> list[str]:
@@ -241,6 +257,7 @@ def _markdown(
     lines += ["", "A row is *protected* when the protected-data victim ends within 10 points of chance or below half "
               "the clean baseline. Rows marked * compare with the plain clean run (no countermeasure)."
               + (" Rows marked ◆ are countermeasures the method was built to resist." if designed else ""), ""]
+    lines += _mix_lines(rows)
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     lines += [
@@ -259,6 +276,25 @@ def _markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _mix_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The mixing table: each mix next to its clean part alone and the all-clean run."""
+    mixes = [row for row in rows if "mix_effect" in row]
+    if not mixes:
+        return []
+    lines = ["## Mixed with clean data", "",
+             "The victim trains on a clean fraction of the images plus the protected copies of the rest (mixed), "
+             "on that clean fraction alone (clean part only), and on all images clean. Protected data that helps "
+             "the victim (mixed above clean part only) still gives a scraper value.", "",
+             "| victim | clean fraction | clean part only | mixed: control | mixed: protected | all clean | effect of the protected part |",
+             "|---|---|---|---|---|---|---|"]
+    for row in mixes:
+        cells = [_pct(row.get(kind)) for kind in (CLEAN_PART, "control", "protected", "clean")]
+        effect = row["mix_effect"]
+        text = f"**{effect['text']}**" if effect["effect"] == "better" else effect["text"]
+        lines.append(f"| {row['victim']} | {row['settings'].get('clean_fraction', 0.5):.0%} | " + " | ".join(cells) + f" | {text} |")
+    return lines + [""]
 
 
 def _precision_text(results: list[dict[str, Any]]) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from attacks.contrastive import CONTRASTIVE_VICTIMS, ClipTrainConfig, class_caption_list, contrastive_cell
 from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
-from attacks.data import ImageSet, load_image_folder, load_pairs, mix_with_clean
+from attacks.data import ImageSet, clean_choice, load_image_folder, load_pairs, mix_with_clean
 from attacks.relabel import RelabelError, describe, parse_spec, relabel_sets
 from attacks.train import VICTIM_LR, TrainConfig, train_classifier
 from protect.budget import perturb_uint8
@@ -34,6 +34,9 @@ from protect.progress import NullReporter, Reporter
 from protect.training_state import CheckpointError, remove_training_state, tensor_fingerprint
 
 DATA_KINDS = ("clean", "control", "protected")
+# A mix's own baseline: only the clean images of the mix, without its protected part. Mixed runs
+# below it mean the protected images made the victim worse than not having them at all.
+CLEAN_PART = "clean-part"
 
 
 class VerifyError(ValueError):
@@ -80,9 +83,9 @@ class Plan:
         cells = []
         for victim in self.victims:
             for name, settings in self.countermeasures:
-                for data in DATA_KINDS:
-                    if name == "mix" and data == "clean":
-                        continue  # a clean set mixed with clean data is the plain clean baseline
+                # a clean set mixed with clean data is the plain clean baseline; a mix is also
+                # compared with its clean part alone
+                for data in (CLEAN_PART, "control", "protected") if name == "mix" else DATA_KINDS:
                     if name in self.protected_only and data != "protected":
                         continue
                     for seed in range(self.seeds[victim]):
@@ -241,16 +244,31 @@ def _claimed_protection(path: Path) -> tuple[dict[str, Any], float | None]:
         return {}, None
 
 
-def _subset(data: ImageSet, per_class: int | None) -> ImageSet:
+def _kept_positions(labels: torch.Tensor, per_class: int | None) -> torch.Tensor:
+    """The positions of the first ``per_class`` images of each class (all of them for None)."""
     if per_class is None:
-        return data
+        return torch.arange(len(labels))
     keep, counts = [], {}
-    for i, label in enumerate(data.labels.tolist()):
+    for i, label in enumerate(labels.tolist()):
         if counts.get(label, 0) < per_class:
             counts[label] = counts.get(label, 0) + 1
             keep.append(i)
-    index = torch.tensor(keep)
-    return ImageSet(data.images[index], data.labels[index], data.classes, [data.paths[i] for i in keep])
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def training_images(cell: Cell, data: VerifyData) -> ImageSet:
+    """The set ``cell`` trains on: its data kind, mixed with clean data for ``mix`` (or, for
+    the clean-part baseline, only the images the mix keeps clean), capped per class."""
+    settings = dict(cell.settings)
+    if cell.data == CLEAN_PART:
+        keep = _kept_positions(data.clean.labels, cell.per_class)
+        chosen = torch.zeros(len(data.clean), dtype=torch.bool)
+        chosen[clean_choice(len(data.clean), settings["clean_fraction"], cell.seed)] = True
+        return data.clean.take(keep[chosen[keep]])
+    train = data.training_set(cell.data)
+    if cell.countermeasure == "mix":
+        train = mix_with_clean(train, data.clean, settings["clean_fraction"], cell.seed)
+    return train.take(_kept_positions(train.labels, cell.per_class))
 
 
 def victim_train_config(victim: str, epochs: int, n_train: int) -> TrainConfig:
@@ -267,10 +285,7 @@ def run_cell(
     """Train one victim as ``cell`` says and return its measured numbers. A classifier's state
     after each epoch goes to ``checkpoint`` (a path stem), and an interrupted run resumes there."""
     settings = dict(cell.settings)
-    train = data.training_set(cell.data)
-    if cell.countermeasure == "mix":
-        train = mix_with_clean(train, data.clean, settings["clean_fraction"], cell.seed)
-    train = _subset(train, cell.per_class)
+    train = training_images(cell, data)
     countermeasure = build_countermeasure(cell.countermeasure, **settings)
     if cell.victim in CONTRASTIVE_VICTIMS:
         return _run_contrastive_cell(cell, train, data, countermeasure, device=device, reporter=reporter)
@@ -415,7 +430,8 @@ def run_plan(
     shared_dir = Path(baselines) / baseline_fingerprint(data) if baselines is not None else None
     if shared_dir is not None:
         shared_dir.mkdir(parents=True, exist_ok=True)
-    fingerprints = {kind: training_fingerprint(data, kind) for kind in ("clean", "control", "protected")}
+    fingerprints = {kind: training_fingerprint(data, kind) for kind in DATA_KINDS}
+    fingerprints[CLEAN_PART] = fingerprints["clean"]
     results = []
     for cell in plan.cells():
         name = f"{cell.key()}.json"

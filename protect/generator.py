@@ -117,6 +117,9 @@ class Generator(ABC):
         self.seed = seed
         #: the processes :meth:`fit` shares its work with (one unless a data-parallel fit set it)
         self.ranks: Ranks = SINGLE_PROCESS
+        #: a folder the runner provides where a long :meth:`fit` keeps its progress after each
+        #: step, and from which a fit of the same data, config and seed continues (None: keep none)
+        self.fit_checkpoint_dir: Path | None = None
 
     def fit(self, images: torch.Tensor, labels: torch.Tensor | None, reporter: Reporter | None = None) -> None:
         """Learn whatever the method needs from the dataset.

@@ -1,5 +1,6 @@
-"""Resumable training: a network, its optimizer and LR schedule, a random generator and a JSON
-record, saved after an epoch as ``STEM.safetensors`` + ``STEM.json`` and loaded without pickle.
+"""Resumable training: a network (or any module holding the tensors being optimised), its
+optimizer, optionally its LR schedule and a random generator, and a JSON record, saved after an
+epoch or step as ``STEM.safetensors`` + ``STEM.json`` and loaded without pickle.
 
 The record carries an ``identity`` (data, config, seed): a checkpoint is only resumed by the
 same training, so a stale file is refused instead of silently continuing another run.
@@ -38,7 +39,7 @@ def checkpoint_files(stem: Path) -> tuple[Path, Path]:
 
 
 def save_training_state(
-    stem: Path, net: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, rng: torch.Generator,
+    stem: Path, net: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any | None, rng: torch.Generator | None,
     record: dict[str, Any],
 ) -> None:
     """Write the checkpoint; ``record`` (JSON-able) must hold ``identity`` and ``step``.
@@ -51,7 +52,8 @@ def save_training_state(
     for index, entry in optimizer_state["state"].items():
         for name, value in entry.items():
             tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["rng"] = rng.get_state()
+    if rng is not None:
+        tensors["rng"] = rng.get_state()
     tensors["step"] = torch.tensor([record["step"]])
     with atomic_open(tensors_path, "wb") as handle:
         handle.write(save(tensors))
@@ -59,11 +61,11 @@ def save_training_state(
         "param_groups": optimizer_state["param_groups"],
         "state_keys": {str(index): sorted(entry) for index, entry in optimizer_state["state"].items()},
     }
-    write_text_atomic(record_path, json.dumps({**record, "optimizer": optimizer_record, "schedule": schedule.state_dict()}))
+    write_text_atomic(record_path, json.dumps({**record, "optimizer": optimizer_record, "schedule": schedule.state_dict() if schedule is not None else None}))
 
 
 def load_training_state(
-    stem: Path, net: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, rng: torch.Generator,
+    stem: Path, net: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any | None, rng: torch.Generator | None,
     identity: dict[str, Any],
 ) -> dict[str, Any] | None:
     """Restore the checkpoint at ``stem`` into the given objects and return its record, or
@@ -89,8 +91,10 @@ def load_training_state(
     state = {int(index): {name: tensors[f"optimizer.{index}.{name}"] for name in names}
              for index, names in record["optimizer"]["state_keys"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": record["optimizer"]["param_groups"]})
-    schedule.load_state_dict(record["schedule"])
-    rng.set_state(tensors["rng"])
+    if schedule is not None:
+        schedule.load_state_dict(record["schedule"])
+    if rng is not None:
+        rng.set_state(tensors["rng"])
     return record
 
 

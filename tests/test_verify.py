@@ -150,8 +150,9 @@ def test_plan_expansion_and_errors() -> None:
     assert names == ["none", "jpeg", "grayscale", "adv-training", "mix"]
     cells = plan.cells()
     assert not any(c.countermeasure == "mix" and c.data == "clean" for c in cells)
+    assert sorted(c.data for c in cells if c.countermeasure == "mix") == ["clean-part", "control", "protected"]
     assert not any(c.countermeasure == "adv-training" and c.data != "protected" for c in cells)
-    assert len(cells) == 3 * 3 + 2 + 1
+    assert len(cells) == 3 * 3 + 3 + 1
     assert make_plan("quick", victims=["vgg11"], epochs=2, seeds=2).seeds == {"vgg11": 2}
     with pytest.raises(VerifyError, match="unknown victim"):
         make_plan("quick", victims=["alexnet"])
@@ -212,15 +213,15 @@ def test_baselines_are_shared_between_protected_folders_of_the_same_clean_data(
         return verify.run_plan(plan, data, tmp_path / f"{name}-report", baselines=baselines)
 
     first = verify_folder("a", "train")
-    assert sorted(trained) == [("clean", "none"), ("control", "mix"), ("control", "none"), ("protected", "mix"),
-                               ("protected", "none")]
+    assert sorted(trained) == [("clean", "none"), ("clean-part", "mix"), ("control", "mix"), ("control", "none"),
+                               ("protected", "mix"), ("protected", "none")]
     second = verify_folder("b", "train")
     assert sorted(trained) == [("protected", "mix"), ("protected", "none")]
     assert [r["final"] for r in first if r["cell"]["data"] != "protected"] == \
         [r["final"] for r in second if r["cell"]["data"] != "protected"]
-    assert len(list((tmp_path / "b-report" / "cells").glob("*.json"))) == 5
+    assert len(list((tmp_path / "b-report" / "cells").glob("*.json"))) == 6
     verify_folder("c", "other-train")  # other clean data: nothing shared
-    assert len(trained) == 5
+    assert len(trained) == 6
 
 
 def test_verify_resumes_an_interrupted_run_and_restarts_on_other_data(tmp_path: Path) -> None:
@@ -304,3 +305,43 @@ def test_report_only_writes_the_card_from_finished_runs_without_training(tmp_pat
     assert "MiB resident" in card
     assert "bf16 autocast for 1 run, float32 for 2 runs" in card or "bf16 autocast for 2 runs, float32 for 1 run" in card
     assert f"trained on {device_description(torch.device('cpu'))} (2 runs), NVIDIA H200 GPU (1 run)." in card
+
+
+def test_clean_part_baseline_is_the_mix_without_its_protected_images() -> None:
+    from attacks.verify import CLEAN_PART, Cell, VerifyData, training_images
+
+    clean = _easy_set(20, seed=0)
+    protected = ImageSet(255 - clean.images, clean.labels, clean.classes, [f"{i}.png" for i in range(40)])
+    clean.paths = list(protected.paths)
+    data = VerifyData(clean, protected, protected, _easy_set(2, seed=1), {}, 8 / 255)
+    for per_class in (None, 6):
+        def cell(kind: str) -> Cell:
+            return Cell("small-cnn", "mix", (("clean_fraction", 0.3),), kind, 1, 2, per_class)
+
+        mixed, part = training_images(cell("protected"), data), training_images(cell(CLEAN_PART), data)
+        kept_clean = [path for path, image in zip(mixed.paths, mixed.images)
+                      if torch.equal(image, clean.images[int(path[:-4])])]
+        assert part.paths == kept_clean and 0 < len(part) < len(mixed)
+        assert all(torch.equal(image, clean.images[int(path[:-4])]) for path, image in zip(part.paths, part.images))
+
+
+def test_card_says_whether_the_protected_part_helped_or_hurt() -> None:
+    from attacks.report import _mix_lines, summarise
+
+    def result(data: str, countermeasure: str, final: float, seed: int) -> dict:
+        cell = {"victim": "small-cnn", "countermeasure": countermeasure, "data": data, "seed": seed,
+                "settings": [["clean_fraction", 0.5]] if countermeasure == "mix" else []}
+        return {"cell": cell, "final": final, "peak": final, "test_accuracy": [final], "seconds": 1.0}
+
+    def card(mixed: list[float]) -> tuple[dict, str]:
+        results = [result("clean", "none", 0.75, s) for s in range(3)]
+        results += [result("clean-part", "mix", a, s) for s, a in enumerate((0.70, 0.71, 0.69))]
+        results += [result("protected", "mix", a, s) for s, a in enumerate(mixed)]
+        row = [r for r in summarise(results, 0.5) if r["countermeasure"] == "mix"][0]
+        return row["mix_effect"], "\n".join(_mix_lines([row]))
+
+    effect, text = card([0.60, 0.62, 0.61])
+    assert effect["effect"] == "worse" and "made the victim worse" in text and "| 50% | 70.0 ± 1.0 |" in text
+    effect, text = card([0.74, 0.73, 0.74])
+    assert effect["effect"] == "better" and "**adding the protected part made the victim better" in text
+    assert card([0.70, 0.71, 0.70])[0]["effect"] == "unclear"

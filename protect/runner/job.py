@@ -70,6 +70,7 @@ from protect.runner.journal import Journal, JournalState
 from protect.runner.labels import label_tensor, labels_for_fit, source_classes
 from protect.runner.unit import JobSpec, decoded_records, new_generator, remember_protector
 from protect.scale import working_tensor
+from protect.training_state import CheckpointError
 
 STATE_DIR_NAME = ".protect-state"
 MANIFEST_NAME = "manifest.jsonl"
@@ -569,12 +570,18 @@ def _fit_whole(
     covers_new = generator.fit_scope.covers_new_images(bool(fit_labels.classes))
     if job.save_protector_to is not None and not covers_new:
         raise UsageError(_cannot_save_protector(job.method, Path(job.source)))
-    generator.fit(images, fit_labels.labels, reporter)
+    # A long fit keeps its progress here after each step, so --resume continues an interrupted fit.
+    generator.fit_checkpoint_dir = state_dir / "fit-progress"
+    try:
+        generator.fit(images, fit_labels.labels, reporter)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
     info = {**generator.fit_summary(), "fitted_now": True}
     classes = fit_labels.classes if generator.fit_scope is FitScope.CLASSES else []
     meta = {"method": job.method, "config": spec.config, "seed": spec.seed, "classes": classes, "fitted_on": len(small),
             "fit": {k: v for k, v in info.items() if k != "fitted_now"}, "how": how, "label_source": fit_labels.source}
     save_protector(kept, generator, meta)
+    shutil.rmtree(state_dir / "fit-progress", ignore_errors=True)  # the kept fit replaces it
     rows = {name: [row, digest] for row, (name, digest) in enumerate(zip(names, digests))}
     index = {"rows": rows, "labels": None if fit_labels.labels is None else fit_labels.labels.tolist(), "pseudo": fit_labels.pseudo}
     write_text_atomic(index_path, json.dumps(index))
