@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from attacks import purify
 from protect.budget import project_linf, signed_gradient_step
 
 DataTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -225,9 +226,16 @@ _FACTORIES: dict[str, tuple[str, Callable[..., Any], str]] = {
     "cutmix": ("batch", cutmix, "cutmix (alpha 1)"),
     "adv-training": ("batch", adversarial_training, "PGD adversarial training (8/255, 2/255, 5 steps)"),
     "ueraser-lite": ("batch", ueraser_lite, "UEraser-lite: strong augmentation, max loss over 5 copies"),
+    "diffusion-purify": ("data", purify.diffusion_purify, "diffusion purification (DDPM reverse process from t*)"),
 }
 
 COUNTERMEASURES = ("none", *_FACTORIES, "mix")
+
+
+def row_name(name: str, settings: dict[str, Any]) -> str:
+    """The name of a countermeasure's row on the card; a countermeasure run at several settings
+    (diffusion purification at several t*) gets one row per setting."""
+    return purify.row_name(settings) if name == "diffusion-purify" else name
 
 
 def build_countermeasure(name: str, **settings: Any) -> Countermeasure:
