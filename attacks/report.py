@@ -209,6 +209,10 @@ def _markdown(
                     lines.append(f"- {row['victim']} / {row['countermeasure']} / {kind}: {shown}")
     lines += ["", "A row is *protected* when the protected-data victim ends within 10 points of chance or below half "
               "the clean baseline. Rows marked * compare with the plain clean run (no countermeasure).", ""]
+    if any(row["countermeasure"].startswith("diffusion-purify") for row in rows):
+        lines += ["In diffusion-purify rows every training set (clean, control, protected) was purified with a "
+                  "diffusion model at t* before training: the clean column is what purification costs by itself. "
+                  "Purified examples are in the example strip below.", ""]
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     lines += [

@@ -4,8 +4,8 @@ The attacker's purifier is a small DDPM trained on CIFAR-10 train images 1000-49
 class (40,000 images, disjoint from the protected first 1,000 per class).
 
     python benchmarks/p0_purify.py train --steps 2400 --minutes 30   # resumable: repeat until finished
-    python benchmarks/p0_purify.py measure        # denoising error and PSNR at t*, images/s (stored table)
-    python benchmarks/p0_purify.py verify         # P0 verify rows at t* = 0.1T and 0.2T (stored table)
+    python benchmarks/p0_purify.py measure        # noise-prediction error and PSNR at t*, images/s (stored table)
+    python benchmarks/p0_purify.py verify         # P0 verify rows at t* = 0.1T and 0.2T, 5 reverse steps (stored table)
 """
 
 from __future__ import annotations
@@ -60,17 +60,18 @@ def measure(args: argparse.Namespace) -> None:
     test = build_subset(args.shared / "data" / "cifar10" / "test", args.work / "test-subset", 200)
     images = load_image_folder(test).images  # held-out clean images: neither purifier nor victims train on them
     rows = []
+    sample = images[:1000]
     for t_star in T_STARS:
         error = denoising_error(purifier, images, t_star)
-        sample = images[:1000]
-        purify(purifier, sample[:250], t_star=t_star, steps=args.steps)  # warm-up
-        started = time.perf_counter()
-        purified = purify(purifier, sample, t_star=t_star, steps=args.steps)
-        seconds = time.perf_counter() - started
-        quality = [psnr(a.numpy(), b.numpy()) for a, b in zip(sample, purified)]
-        rows.append([f"{t_star:g}T ({round(t_star * purifier.num_train_timesteps)})", args.steps, round(error, 4),
-                     round(sum(quality) / len(quality), 2), round(len(sample) / seconds, 1)])
-        print(rows[-1], flush=True)
+        for steps in (int(s) for s in args.steps.split(",")):
+            purify(purifier, sample[:250], t_star=t_star, steps=steps)  # warm-up
+            started = time.perf_counter()
+            purified = purify(purifier, sample, t_star=t_star, steps=steps)
+            seconds = time.perf_counter() - started
+            quality = [psnr(a.numpy(), b.numpy()) for a, b in zip(sample, purified)]
+            rows.append([f"{t_star:g}T ({round(t_star * purifier.num_train_timesteps)})", steps, round(error, 4),
+                         round(sum(quality) / len(quality), 2), round(len(sample) / seconds, 1)])
+            print(rows[-1], flush=True)
     params = sum(p.numel() for p in purifier.unet.parameters())
     write_table(
         "p0-purifier", title="P0: the diffusion purifier (small DDPM) at t*", section="P0 diffusion purification",
@@ -99,12 +100,12 @@ def main() -> None:
     p_train = sub.add_parser("train")
     p_train.add_argument("--steps", type=int, default=3000)
     p_train.add_argument("--minutes", type=float, default=None)
-    for name in ("measure", "verify"):
-        p = sub.add_parser(name)
-        p.add_argument("--steps", type=int, default=10, help="reverse (denoising) steps from t* to 0")
-        if name == "verify":
-            p.add_argument("--methods", default="em-classwise,em-samplewise")
-            p.add_argument("extra", nargs="*", help="further options for protect verify (after --)")
+    p_measure = sub.add_parser("measure")
+    p_measure.add_argument("--steps", default="5,10", help="comma list of reverse (denoising) step counts")
+    p_verify = sub.add_parser("verify")
+    p_verify.add_argument("--steps", type=int, default=5, help="reverse (denoising) steps from t* to 0")
+    p_verify.add_argument("--methods", default="em-classwise,em-samplewise")
+    p_verify.add_argument("extra", nargs="*", help="further options for protect verify (after --)")
     args = parser.parse_args()
     if not (args.shared / "data" / "cifar10").is_dir():
         sys.exit(f"{args.shared / 'data' / 'cifar10'} not found: P0 needs the shared CIFAR-10 folder")

@@ -111,6 +111,7 @@ def test_verify_with_diffusion_purify_end_to_end_and_cached(tmp_path: Path, tiny
     assert [row["countermeasure"] for row in report["rows"]] == ["diffusion-purify t*=0.1T", "diffusion-purify t*=0.2T"]
     assert all(set(row) >= {"clean", "control", "protected"} for row in report["rows"])
     assert (tmp_path / "r1" / "examples.png").exists()
+    assert "the clean column is what purification costs" in (tmp_path / "r1" / "report.md").read_text()
     cached = sorted((tmp_path / "cache" / "protect" / "purified").glob("*.safetensors"))
     # each distinct training set (clean, control, protected) once per t*, plus the card's examples
     purified_sets = [n for n in calls if n == 12]
