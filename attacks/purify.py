@@ -365,8 +365,8 @@ def train_purifier(
     """Train a DDPM purifier on clean uint8 images (N, 3, S, S) into ``out``; resumable.
 
     The training state goes to ``out/training.*`` every ``save_every`` steps and a run with the
-    same images, config and seed continues from it. ``minutes`` stops after that much wall time
-    (at a save point) so long trainings can run in steps. Each save also exports the EMA weights
+    same images, config and seed continues from it. ``minutes`` saves and stops after that much
+    wall time, so long trainings can run in steps. Each save also exports the EMA weights
     with diffusers' ``save_pretrained`` (``DDPMPipeline`` layout), so the folder is a usable
     purifier at every point; ``purifier.json`` says how far it is trained. Returns that record."""
     reporter = reporter or NullReporter()
@@ -422,7 +422,8 @@ def train_purifier(
             running.append(loss.item())
             phase.advance()
             at_end = record.steps_done == config.steps
-            if record.steps_done % config.save_every == 0 or at_end:
+            out_of_time = minutes is not None and time.perf_counter() - session_start > 60 * minutes
+            if record.steps_done % config.save_every == 0 or at_end or out_of_time:
                 record.losses.append(sum(running) / len(running))
                 running = []
                 record.seconds = time.perf_counter() - started
@@ -438,7 +439,7 @@ def train_purifier(
                 else:
                     save_training_state(state, nets, optimizer, schedule, gen,
                                          {"identity": identity, "step": record.steps_done, "train": asdict(record)})
-                if minutes is not None and time.perf_counter() - session_start > 60 * minutes and not at_end:
+                if out_of_time and not at_end:
                     reporter.message(f"stopped after {minutes:g} minutes at step {record.steps_done} of "
                                      f"{config.steps}; run the same command again to continue")
                     break

@@ -25,7 +25,7 @@ def train(
     max_t: float = typer.Option(0.25, "--max-t", help="Train on timesteps up to this fraction of T: purification "
                                 "only ever runs below t*, so a purifier need not learn the rest."),
     channels: str = typer.Option("32,64,64", "--channels", help="UNet width per resolution level."),
-    minutes: Optional[float] = typer.Option(None, "--minutes", help="Stop after this many minutes (at a save point); "
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Save and stop after this many minutes; "
                                             "run again to continue."),
     resolution: int = typer.Option(32, "--resolution", help="Square size the purifier works at (pixels)."),
     seed: int = typer.Option(0, "--seed"),
