@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
 from protect.images import atomic_open, write_text_atomic
+from protect.models.diffusion import build_ddpm_scheduler, build_unet, diffusers_module
 from protect.precision import autocast, resolved_precision
 from protect.progress import NullReporter, Reporter
 from protect.training_state import load_training_state, remove_training_state, save_training_state, tensor_fingerprint
@@ -43,7 +44,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 REQUIRED_FILES = ("unet/config.json", WEIGHTS, "scheduler/scheduler_config.json")
 TRAINING_RECORD = "purifier.json"
-INSTALL_HINT = "diffusion purification needs diffusers: pip install 'protect[diffusers]'"
 
 
 class PurifierError(ValueError):
@@ -52,10 +52,9 @@ class PurifierError(ValueError):
 
 def _diffusers() -> Any:
     try:
-        import diffusers
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise PurifierError(INSTALL_HINT) from exc
-    return diffusers
+        return diffusers_module()
+    except ImportError as exc:  # depends on the install
+        raise PurifierError(str(exc)) from exc
 
 
 def missing_purifier_message(path: Path | None, missing: list[str] | None = None) -> str:
@@ -314,22 +313,10 @@ class PurifierTrainConfig:
     save_every: int = 250
 
 
-def build_unet(config: PurifierTrainConfig, size: int, *, seed: int) -> "UNet2DModel":
-    """A randomly initialised UNet2DModel of ``config``'s shape at ``size`` px (no attention
-    except diffusers' default one in the middle block)."""
-    levels = len(config.channels)
-    with torch.random.fork_rng(devices=[]):  # diffusers initialises from the global generator
-        torch.manual_seed(seed)
-        return _diffusers().UNet2DModel(
-            sample_size=size, in_channels=3, out_channels=3, block_out_channels=config.channels,
-            down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
-            layers_per_block=config.layers_per_block, norm_num_groups=math.gcd(config.norm_groups, *config.channels),
-        )
-
-
-def build_scheduler(config: PurifierTrainConfig) -> "DDPMScheduler":
-    return _diffusers().DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule="linear",
-                                      beta_start=1e-4, beta_end=0.02)
+def build_purifier_unet(config: PurifierTrainConfig, size: int, *, seed: int) -> "UNet2DModel":
+    """A randomly initialised purifier network of ``config``'s shape at ``size`` px."""
+    return build_unet(size, config.channels, layers_per_block=config.layers_per_block,
+                      norm_groups=config.norm_groups, seed=seed)
 
 
 @dataclass
@@ -374,12 +361,12 @@ def train_purifier(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     size = images.shape[-1]
-    unet = build_unet(config, size, seed=seed).to(device=device, memory_format=torch.channels_last)
-    ema = build_unet(config, size, seed=seed).to(device=device)
+    unet = build_purifier_unet(config, size, seed=seed).to(device=device, memory_format=torch.channels_last)
+    ema = build_purifier_unet(config, size, seed=seed).to(device=device)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     nets = nn.ModuleDict({"unet": unet, "ema": ema})
-    scheduler = build_scheduler(config)
+    scheduler = build_ddpm_scheduler(config.num_train_timesteps)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     gen = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from protect.cli import RichReporter, err, fail, out, progress_display, resolve_device
+from protect.console import RichReporter, err, fail, out, progress_display, resolve_device
 
 purifier_app = typer.Typer(help="Train and inspect the diffusion purifier used by `protect verify`'s diffusion-purify.",
                            no_args_is_help=True)

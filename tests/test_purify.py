@@ -15,15 +15,15 @@ from attacks.countermeasures import build_countermeasure
 from attacks.purify import (
     PurifierError,
     PurifierTrainConfig,
-    build_scheduler,
-    build_unet,
+    build_purifier_unet,
     export_purifier,
     load_purifier,
     purify,
     train_purifier,
 )
 from protect.cli import app
-from protect.pipeline import protect_folder
+from protect.models.diffusion import build_ddpm_scheduler
+from protect.runner import protect_folder
 from tests.test_verify import _easy_set, _write_folder
 
 pytest.importorskip("diffusers")
@@ -35,7 +35,7 @@ TINY = PurifierTrainConfig(channels=(8, 16), steps=4, batch_size=4, warmup=2, sa
 def tiny_purifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 32 px purifier in diffusers' save_pretrained layout."""
     folder = tmp_path_factory.mktemp("purifier")
-    export_purifier(build_unet(TINY, 32, seed=0), build_scheduler(TINY), folder, {"trained_t_max": 999})
+    export_purifier(build_purifier_unet(TINY, 32, seed=0), build_ddpm_scheduler(), folder, {"trained_t_max": 999})
     return folder
 
 
