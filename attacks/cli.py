@@ -13,13 +13,22 @@ import torch
 import typer
 from rich.table import Table
 
-from attacks.report import summarise, write_report
+from attacks.purify import PurifierError, default_cache_dir, example_rows, plan_variants
+from attacks.purify_cli import register as register_purifier
+from attacks.report import example_index, summarise, write_report
 from attacks.verify import VerifyError, largest_peak_memory, load_verify_data, make_plan, peak_memory_mib, run_plan
 from protect.console import RichReporter, err, fail, out, progress_display, resolve_device
 
 
 def _split(value: Optional[str]) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _floats(value: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in _split(value) or []]
+    except ValueError:
+        raise fail(f"{option} is a comma list of numbers; got {value!r}") from None
 
 
 def verify(
@@ -30,7 +39,8 @@ def verify(
     victims: Optional[str] = typer.Option(None, "--victims", help="Comma list: small-cnn, resnet18, vgg11, vit-small; clip-tiny, clip-small (contrastive, with template captions)."),
     countermeasures: Optional[str] = typer.Option(
         None, "--countermeasures",
-        help="Comma list: none, jpeg, grayscale, bit-depth, blur, cutout, mixup, cutmix, adv-training, ueraser-lite, mix.",
+        help="Comma list: none, jpeg, grayscale, bit-depth, blur, cutout, mixup, cutmix, adv-training, ueraser-lite, mix, "
+        "diffusion-purify (needs --purifier).",
     ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs per victim (default: the preset's)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Number of seeds per cell (default: the preset's)."),
@@ -47,6 +57,11 @@ def verify(
         False, "--report-only", help="Write the card from the training runs already finished (in --out and --baselines) "
         "and train nothing: a look at a long run while it is under way.",
     ),
+    purifier: Optional[Path] = typer.Option(None, "--purifier", help="For diffusion-purify: a local diffusers DDPM "
+                                            "checkpoint folder (e.g. from `protect purifier train`)."),
+    purify_t: str = typer.Option("0.1,0.2", "--purify-t", help="For diffusion-purify: t* values as fractions of the "
+                                 "diffusion horizon T, one row each."),
+    purify_steps: int = typer.Option(10, "--purify-steps", help="For diffusion-purify: reverse (denoising) steps from t* to 0."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     relabel: Optional[str] = typer.Option(None, "--relabel", help="Labels the victims train and test with: true (default), "
                                           "coarse:FILE or coarse:NAME (class groups, e.g. coarse:cifar10-coarse) or "
@@ -55,20 +70,32 @@ def verify(
     """Train victims on clean, random-noise and protected data; write a protection card."""
     torch_device = resolve_device(device)
     report_dir = report_dir or protected.parent / f"{protected.name.rstrip('/')}-verify"
+    chosen = _split(countermeasures)
+    purifying = "diffusion-purify" in (chosen or [])
     try:
-        plan = make_plan(preset, victims=_split(victims), countermeasures=_split(countermeasures),
-                         epochs=epochs, seeds=seeds, clean_fraction=mix, relabel=relabel)
+        variants = {"diffusion-purify": plan_variants(purifier, _floats(purify_t, "--purify-t"), purify_steps)} if purifying else {}
+        plan = make_plan(preset, victims=_split(victims), countermeasures=chosen,
+                         epochs=epochs, seeds=seeds, clean_fraction=mix, relabel=relabel, variants=variants)
         if report_dir.resolve().is_relative_to(protected.resolve()):
             raise VerifyError("--out must not be inside the protected folder")
         data = load_verify_data(protected, clean_train, test, resolution=resolution, relabel=plan.relabel)
-    except VerifyError as exc:
+    except (VerifyError, PurifierError) as exc:
         raise fail(str(exc)) from None
     started = time.perf_counter()
     cells = plan.cells()
     err.print(f"verify: {len(cells)} training runs ({len(data.clean)} train / {len(data.test)} test images)", highlight=False)
     with progress_display() as progress:
-        results = run_plan(plan, data, report_dir, device=torch_device, reporter=RichReporter(progress),
-                           baselines=baselines, train=not report_only)
+        reporter = RichReporter(progress)
+        # purified sets are cached by content, so every verify run over the same folders shares them
+        resources = {"diffusion-purify": {"purifier": purifier, "cache_dir": default_cache_dir(), "device": torch_device,
+                                          "reporter": reporter}}
+        try:
+            results = run_plan(plan, data, report_dir, device=torch_device, reporter=reporter,
+                               baselines=baselines, train=not report_only, resources=resources)
+            examples = (example_rows(purifier, data.clean.images[example_index(data)], data.protected.images[example_index(data)],
+                                     variants["diffusion-purify"], device=torch_device) if purifying else [])
+        except PurifierError as exc:
+            raise fail(str(exc)) from None
     if not results:
         raise fail(f"no finished training runs in {report_dir / 'cells'}" + (f" or {baselines}" if baselines else "")
                    + "; run without --report-only to train them")
@@ -84,7 +111,7 @@ def verify(
                  "seconds": sum(r.get("wall_seconds", r["seconds"]) for r in results)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "protect": metadata.version("protect")},
     }
-    document = write_report(report_dir, rows, results, data, meta)
+    document = write_report(report_dir, rows, results, data, meta, examples)
     table = Table(title=f"clean test accuracy % ({report_dir / 'report.md'})")
     for column in ("victim", "countermeasure", "clean", "control", "protected", "verdict"):
         table.add_column(column)
@@ -103,3 +130,4 @@ def verify(
 
 def register(app: typer.Typer) -> None:
     app.command(name="verify")(verify)
+    register_purifier(app)

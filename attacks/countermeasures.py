@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from attacks import purify
 from protect.budget import project_linf, signed_gradient_step
 
 DataTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -229,6 +230,7 @@ _FACTORIES: dict[str, tuple[str, Callable[..., Any], str]] = {
     "adv-training-4": ("batch", lambda eps=4 / 255, step_size=1 / 255, steps=5: adversarial_training(eps, step_size, steps),
                        "PGD adversarial training (4/255, 1/255, 5 steps)"),
     "ueraser-lite": ("batch", ueraser_lite, "UEraser-lite: strong augmentation, max loss over 5 copies"),
+    "diffusion-purify": ("data", purify.diffusion_purify, "diffusion purification (DDPM reverse process from t*)"),
 }
 
 COUNTERMEASURES = ("none", *_FACTORIES, "mix")
@@ -244,6 +246,10 @@ def label(name: str, settings: dict[str, Any] | None = None) -> str:
         return name
     eps = (settings or {}).get("eps", parameter.default)
     return f"{name} ({eps * 255:.3g}/255)"
+def row_name(name: str, settings: dict[str, Any]) -> str:
+    """The name of a countermeasure's row on the card; a countermeasure run at several settings
+    (diffusion purification at several t*) gets one row per setting."""
+    return purify.row_name(settings) if name == "diffusion-purify" else name
 
 
 def build_countermeasure(name: str, **settings: Any) -> Countermeasure:

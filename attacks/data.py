@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from protect.images import load_image, scan_folder
+from protect.images import ImageReadError, load_image, scan_folder
 from protect.runner.formats import unsafe_member_reason
 
 
@@ -103,6 +103,20 @@ def _small(rgb: np.ndarray, size: int) -> torch.Tensor:
     if rgb.shape[:2] != (size, size):
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def load_images(root: Path | str, *, size: int = 32) -> tuple[torch.Tensor, list[str]]:
+    """Every image under ``root`` (class subfolders or not) as uint8 (N, 3, size, size), and one
+    message per file that could not be read (the rest are still used)."""
+    images, problems = [], []
+    for entry in scan_folder(Path(root)).entries:
+        try:
+            images.append(_read_small(entry.path, size))
+        except ImageReadError as exc:
+            problems.append(str(exc))
+    if not images:
+        raise ValueError(f"{root}: no readable images" + (f" ({problems[0]})" if problems else ""))
+    return torch.stack(images), problems
 
 
 def load_pairs(protected_dir: Path | str, clean_dir: Path | str, *, size: int = 32) -> tuple[ImageSet, ImageSet]:

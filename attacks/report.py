@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from attacks.countermeasures import label
+from attacks.countermeasures import label, row_name
 from attacks.verify import CLEAN_PART, DATA_KINDS, VerifyData
 
 WEAK_BASELINE_MARGIN = 0.20  # clean accuracy must beat chance by this much to mean anything
@@ -50,7 +50,7 @@ def summarise(results: list[dict[str, Any]], chance: float) -> list[dict[str, An
     order: list[tuple[str, str]] = []
     for result in results:
         cell = result["cell"]
-        key = (cell["victim"], cell["countermeasure"])
+        key = (cell["victim"], row_name(cell["countermeasure"], dict(cell["settings"])))
         if key not in grouped:
             order.append(key)
         grouped[key][cell["data"]].append(result)
@@ -187,9 +187,11 @@ def _pct(stats: dict[str, Any] | None, key: str = "final") -> str:
 
 def write_report(
     out_dir: Path, rows: list[dict[str, Any]], results: list[dict[str, Any]], data: VerifyData,
-    meta: dict[str, Any],
+    meta: dict[str, Any], examples: list[tuple[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
-    """Write report.json, report.md and the PNG plots; return the JSON document."""
+    """Write report.json, report.md and the PNG plots; return the JSON document. ``examples``:
+    further labelled rows for the example strip (e.g. purified images), uint8 (8, 3, S, S) each,
+    taken from the strip's images (:func:`example_index`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     warnings = evaluation_warnings(rows, data)
@@ -200,7 +202,7 @@ def write_report(
     paths = {
         "curves": _plot_curves(out_dir / "curves.png", rows),
         "matrix": _plot_matrix(out_dir / "matrix.png", rows),
-        "strip": _plot_strip(out_dir / "examples.png", data),
+        "strip": _plot_strip(out_dir / "examples.png", data, examples or []),
     }
     document = {**meta, "rows": rows, "warnings": warnings, "cells": results, "plots": {k: v.name for k, v in paths.items()}}
     (out_dir / "report.json").write_text(json.dumps(document, indent=2))
@@ -258,6 +260,10 @@ def _markdown(
               "the clean baseline. Rows marked * compare with the plain clean run (no countermeasure)."
               + (" Rows marked ◆ are countermeasures the method was built to resist." if designed else ""), ""]
     lines += _mix_lines(rows)
+    if any(row["countermeasure"].startswith("diffusion-purify") for row in rows):
+        lines += ["In diffusion-purify rows every training set (clean, control, protected) was purified with a "
+                  "diffusion model at t* before training: the clean column is what purification costs by itself. "
+                  "Purified examples are in the example strip below.", ""]
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     lines += [
@@ -388,16 +394,22 @@ def _plot_matrix(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def _plot_strip(path: Path, data: VerifyData, count: int = 8) -> Path:
+def example_index(data: VerifyData, count: int = 8) -> torch.Tensor:
+    """The training images the example strip shows: ``count`` spread over the set."""
+    return torch.linspace(0, len(data.clean) - 1, min(count, len(data.clean))).long()
+
+
+def _plot_strip(path: Path, data: VerifyData, extra: list[tuple[str, torch.Tensor]]) -> Path:
     plt = _pyplot()
-    count = min(count, len(data.clean))
-    index = torch.linspace(0, len(data.clean) - 1, count).long()
+    index = example_index(data)
+    count = len(index)
     clean = data.clean.images[index].float()
     protected = data.protected.images[index].float()
     noise = ((protected - clean) * 10 + 127.5).clamp(0, 255)
-    fig, axes = plt.subplots(3, count, figsize=(1.3 * count, 4.2), squeeze=False)
+    shown = [(clean, "original"), (protected, "protected"), (noise, "noise x10")] + [(img.float(), label) for label, img in extra]
+    fig, axes = plt.subplots(len(shown), count, figsize=(1.3 * count, 1.4 * len(shown)), squeeze=False)
     for j in range(count):
-        for i, (img, label) in enumerate(((clean, "original"), (protected, "protected"), (noise, "noise x10"))):
+        for i, (img, label) in enumerate(shown):
             axes[i, j].imshow(img[j].permute(1, 2, 0).byte().numpy(), interpolation="nearest")
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])

@@ -22,6 +22,7 @@ import torch
 from attacks.contrastive import CONTRASTIVE_VICTIMS, ClipTrainConfig, class_caption_list, contrastive_cell
 from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
 from attacks.data import ImageSet, clean_choice, load_image_folder, load_pairs, mix_with_clean
+from attacks.purify import missing_purifier_message
 from attacks.relabel import RelabelError, describe, parse_spec, relabel_sets
 from attacks.train import VICTIM_LR, TrainConfig, train_classifier
 from protect.budget import perturb_uint8
@@ -94,9 +95,10 @@ class Plan:
         return cells
 
 
-# PROTOCOL.md's P0 list; bit-depth reduction and blur are there on request (--countermeasures).
+# PROTOCOL.md's P0 list; bit-depth reduction, blur and diffusion purification (which needs a
+# purifier checkpoint) are there on request (--countermeasures).
 P0_COUNTERMEASURES = [(name, {"clean_fraction": 0.5} if name == "mix" else {})
-                      for name in COUNTERMEASURES if name not in ("bit-depth", "blur")]
+                      for name in COUNTERMEASURES if name not in ("bit-depth", "blur", "diffusion-purify")]
 
 PRESETS: dict[str, Plan] = {
     # Finishes on protocol P0 on 2 CPU cores in under 15 minutes.
@@ -127,8 +129,12 @@ def make_plan(
     seeds: int | None = None,
     clean_fraction: float = 0.5,
     relabel: str | None = None,
+    variants: dict[str, list[dict[str, Any]]] | None = None,
 ) -> Plan:
-    """A preset, with any of its lists or numbers replaced; ``relabel`` as in attacks.relabel."""
+    """A preset, with any of its lists or numbers replaced; ``relabel`` as in attacks.relabel.
+    ``variants``: for a countermeasure run at several settings, one settings dict per row
+    (``diffusion-purify`` needs them: its purifier and t* values, see attacks.purify)."""
+    variants = variants or {}
     if preset not in PRESETS:
         raise VerifyError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
     base = PRESETS[preset]
@@ -141,7 +147,10 @@ def make_plan(
         for name in countermeasures:
             if name not in COUNTERMEASURES:
                 raise VerifyError(f"unknown countermeasure {name!r}; available: {', '.join(COUNTERMEASURES)}")
-            chosen.append((name, {"clean_fraction": clean_fraction} if name == "mix" else {}))
+            if name == "diffusion-purify" and not variants.get(name):
+                raise VerifyError(missing_purifier_message(None))
+            for settings in variants.get(name, [{"clean_fraction": clean_fraction} if name == "mix" else {}]):
+                chosen.append((name, settings))
     else:
         chosen = [(n, {"clean_fraction": clean_fraction} if n == "mix" else s) for n, s in base.countermeasures]
     if not 0 < clean_fraction < 1:
@@ -280,13 +289,16 @@ def victim_train_config(victim: str, epochs: int, n_train: int) -> TrainConfig:
 
 
 def run_cell(
-    cell: Cell, data: VerifyData, *, device: torch.device, reporter: Reporter, checkpoint: Path | None = None
+    cell: Cell, data: VerifyData, *, device: torch.device, reporter: Reporter, checkpoint: Path | None = None,
+    resources: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train one victim as ``cell`` says and return its measured numbers. A classifier's state
-    after each epoch goes to ``checkpoint`` (a path stem), and an interrupted run resumes there."""
+    after each epoch goes to ``checkpoint`` (a path stem), and an interrupted run resumes there.
+    ``resources``: further keyword arguments per countermeasure that are not part of a cell
+    (where its files are: the purifier folder, the cache of purified images)."""
     settings = dict(cell.settings)
     train = training_images(cell, data)
-    countermeasure = build_countermeasure(cell.countermeasure, **settings)
+    countermeasure = build_countermeasure(cell.countermeasure, **settings, **(resources or {}).get(cell.countermeasure, {}))
     if cell.victim in CONTRASTIVE_VICTIMS:
         return _run_contrastive_cell(cell, train, data, countermeasure, device=device, reporter=reporter)
     model = build_classifier(cell.victim, len(data.clean.classes), seed=cell.seed, image_size=data.clean.images.shape[-1])
@@ -318,18 +330,19 @@ def run_cell(
 
 
 def _run_cell_resuming(
-    cell: Cell, data: VerifyData, checkpoint: Path, *, device: torch.device, reporter: Reporter
+    cell: Cell, data: VerifyData, checkpoint: Path, *, device: torch.device, reporter: Reporter,
+    resources: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """:func:`run_cell`, continuing from the cell's epoch checkpoint when there is one. A
     checkpoint left by other data under the same cell (the protected folder was regenerated)
     is only a cache: it is dropped with a warning and the run starts over."""
     try:
-        result = run_cell(cell, data, device=device, reporter=reporter, checkpoint=checkpoint)
+        result = run_cell(cell, data, device=device, reporter=reporter, checkpoint=checkpoint, resources=resources)
     except CheckpointError:
         reporter.message(f"{checkpoint.name}: the saved epochs were trained on other data or settings; "
                          f"training {cell.victim} / {cell.countermeasure} / {cell.data} from the start", "warning")
         remove_training_state(checkpoint)
-        result = run_cell(cell, data, device=device, reporter=reporter, checkpoint=checkpoint)
+        result = run_cell(cell, data, device=device, reporter=reporter, checkpoint=checkpoint, resources=resources)
     if "resumed" in result:
         reporter.message(f"resumed {cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed} "
                          f"after epoch {result['resumed']['epoch']}")
@@ -418,11 +431,12 @@ def _finished_run(
 
 def run_plan(
     plan: Plan, data: VerifyData, out_dir: Path, *, device: torch.device | str = "cpu", reporter: Reporter | None = None,
-    baselines: Path | None = None, train: bool = True,
+    baselines: Path | None = None, train: bool = True, resources: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell of ``plan`` not already finished in ``out_dir/cells`` (or, for clean and
     control cells, in ``baselines``); return all results. Finished cells are written to both.
-    With ``train=False`` unfinished cells are left out instead of trained."""
+    With ``train=False`` unfinished cells are left out instead of trained; ``resources`` as in
+    :func:`run_cell`."""
     reporter = reporter or NullReporter()
     device = torch.device(device)
     cells_dir = Path(out_dir) / "cells"
@@ -447,7 +461,7 @@ def run_plan(
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
-            result = _run_cell_resuming(cell, data, checkpoint, device=device, reporter=reporter)
+            result = _run_cell_resuming(cell, data, checkpoint, device=device, reporter=reporter, resources=resources)
             result["wall_seconds"] = time.perf_counter() - started + result.get("resumed", {}).get("seconds", 0.0)
             result["peak_memory_mib"] = peak_memory_mib(device)
             result["device"] = device_description(device)

@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from p0 import build_subset  # noqa: E402
 from tables import command_line, print_markdown_table, write_table  # noqa: E402
 
+from attacks.countermeasures import row_name  # noqa: E402
+from attacks.purify import plan_variants  # noqa: E402
 from attacks.report import summarise  # noqa: E402
 from attacks.verify import Plan, make_plan  # noqa: E402
 
@@ -49,13 +51,21 @@ def verify_options(extra: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int)
     parser.add_argument("--mix", type=float, default=0.5)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--purifier")
+    parser.add_argument("--purify-t", default="0.1,0.2")
+    parser.add_argument("--purify-steps", type=int, default=10)
     return parser.parse_known_args(extra)[0]
 
 
 def verify_plan(preset: str, options: argparse.Namespace) -> Plan:
     split = lambda value: value.split(",") if value else None  # noqa: E731
-    return make_plan(preset, victims=split(options.victims), countermeasures=split(options.countermeasures),
-                     epochs=options.epochs, seeds=options.seeds, clean_fraction=options.mix, relabel=options.relabel)
+    countermeasures = split(options.countermeasures)
+    variants = {}
+    if "diffusion-purify" in (countermeasures or []):
+        t_stars = [float(t) for t in options.purify_t.split(",")]
+        variants["diffusion-purify"] = plan_variants(options.purifier, t_stars, options.purify_steps)
+    return make_plan(preset, victims=split(options.victims), countermeasures=countermeasures, epochs=options.epochs,
+                     seeds=options.seeds, clean_fraction=options.mix, relabel=options.relabel, variants=variants)
 
 
 def stored_runs(report: Path, plan: Plan) -> list[dict[str, Any]]:
@@ -93,7 +103,8 @@ def store_tables(args: argparse.Namespace, methods: list[str], options: argparse
         print("no table stored: with --relabel the chance level is not P0's", file=sys.stderr)
         return
     plan = verify_plan(args.preset, options)
-    stored = {m: stored_runs(args.work / f"verify-{args.preset}-{m}", plan) for m in methods}
+    name = args.tag or args.preset
+    stored = {m: stored_runs(args.work / f"verify-{name}-{m}", plan) for m in methods}
     rows = {m: summarise(stored[m], P0_CHANCE) for m in methods}
     for victim in plan.victims:
         by_method = {m: {r["countermeasure"]: r for r in rows[m] if r["victim"] == victim} for m in methods}
@@ -104,7 +115,7 @@ def store_tables(args: argparse.Namespace, methods: list[str], options: argparse
         runs = [run for i, m in enumerate(methods) for run in stored[m]
                 if run["cell"]["victim"] == victim and (i == 0 or run["cell"]["data"] == "protected")]
         table_rows = []
-        for countermeasure, _ in plan.countermeasures:
+        for countermeasure in dict.fromkeys(row_name(n, settings) for n, settings in plan.countermeasures):
             present = [by_method[m][countermeasure] for m in methods if countermeasure in by_method[m]]
             if not present:
                 continue
@@ -121,11 +132,12 @@ def store_tables(args: argparse.Namespace, methods: list[str], options: argparse
         epochs, seeds, per_class = plan.epochs[victim], plan.seeds[victim], plan.per_class.get(victim)
         training = f"{per_class} images per class, " if per_class else ""
         hours = sum(run.get("wall_seconds", run["seconds"]) for run in runs) / 3600
-        print(f"\n{victim}, preset {args.preset}: final clean-test accuracy %\n")
+        print(f"\n{victim}, {name}: final clean-test accuracy %\n")
         print_markdown_table(columns, table_rows)
         write_table(
-            f"p0-verify-{args.preset}-{victim}",
-            title=f"Verification, `{args.preset}` preset: {VICTIM_TITLES.get(victim, victim)} victim",
+            f"p0-verify-{name}-{victim}",
+            title=f"Verification, `{args.preset}` preset{f' ({args.tag})' if args.tag else ''}: "
+                  f"{VICTIM_TITLES.get(victim, victim)} victim",
             section="P0: verification against countermeasures",
             command=command_line(),
             protocol="P0",
@@ -140,10 +152,24 @@ def store_tables(args: argparse.Namespace, methods: list[str], options: argparse
                    "where a countermeasure has no clean run of its own (mixing) the row compares with the plain "
                    "clean run. Verdict as on the protection card: protected when the final accuracy is within 10 "
                    f"points of chance (10%) or below half the clean run's. Built from the {len(runs)} training runs "
-                   f"stored in benchmarks/results/p0/verify-{args.preset}-*/cells ({hours:.1f} h of training in all); "
+                   f"stored in benchmarks/results/p0/verify-{name}-*/cells ({hours:.1f} h of training in all); "
                    "each file records its hardware and precision. The noise was made with each method's default "
-                   "(small-CNN) surrogate." + noise_generations(stored, victim)),
+                   "(small-CNN) surrogate." + noise_generations(stored, victim) + purification_note(options)),
         )
+
+
+def purification_note(options: argparse.Namespace) -> str:
+    """What a diffusion-purify row means and which purifier made it."""
+    if "diffusion-purify" not in (options.countermeasures or ""):
+        return ""
+    record_file = Path(options.purifier) / "purifier.json"
+    record = json.loads(record_file.read_text()) if record_file.exists() else {}
+    trained = (f" The purifier ({options.purifier}) is a small DDPM trained {record['steps_done']} steps of batch "
+               f"{record['config']['batch_size']} on {record['images']} clean images ({record['seconds'] / 60:.0f} min)."
+               if record else "")
+    return (" In a diffusion-purify row every training set (clean, control, protected) is purified before training "
+            f"(noise to t*, then {options.purify_steps} reverse DDPM steps), so its clean column is what purification "
+            "costs by itself." + trained)
 
 
 def noise_generations(stored: dict[str, list[dict[str, Any]]], victim: str) -> str:
@@ -169,6 +195,7 @@ def main() -> None:
     parser.add_argument("--methods", default="em-classwise,em-samplewise")
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--device", default="cpu", help="for generation and victims: cpu, cuda, cuda:N or auto")
+    parser.add_argument("--tag", default=None, help="report folders are verify-TAG-METHOD (default: the preset)")
     parser.add_argument("extra", nargs="*", help="further options passed to protect verify (after --)")
     args = parser.parse_args()
     options = verify_options(args.extra)
@@ -177,7 +204,7 @@ def main() -> None:
     cifar = args.shared / "data" / "cifar10"
     for method in methods:
         protected = args.work / method
-        report = args.work / f"verify-{args.preset}-{method}"
+        report = args.work / f"verify-{args.tag or args.preset}-{method}"
         if options.report_only and not (protected / "protection.json").exists():
             print(f"{protected} not found: no card for {method}; its table comes from the runs stored in {report}/cells",
                   file=sys.stderr)
