@@ -20,6 +20,7 @@ from protect.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
 from protect.progress import Reporter
 from protect.runner import JobError, JobSummary, UsageError, protect_export, protect_folder
 from protect.runner.formats import FORMATS, ColumnOptions
+from protect.surrogate_cli import app as surrogate_app
 from protect.t2ue.cli import app as t2ue_app
 
 app = typer.Typer(
@@ -219,6 +220,7 @@ def methods(keys: bool = typer.Option(False, "--keys", help="Also list each meth
 
 
 app.add_typer(t2ue_app, name="t2ue")
+app.add_typer(surrogate_app, name="surrogate")
 
 
 def _load_plugins() -> None:

@@ -65,3 +65,36 @@ def pseudo_labels(
     feats = surrogate_features(images, surrogate=surrogate, device=device, seed=seed)
     assignments, _ = kmeans(feats, min(k, len(images)), seed=seed)
     return assignments
+
+
+def cluster_quality(assignments: torch.Tensor, labels: torch.Tensor) -> dict[str, object]:
+    """How well clusters follow known labels (for reports only; no method reads labels this way).
+
+    purity: the fraction of items whose cluster's most common label is their own; nmi:
+    normalised mutual information with the arithmetic-mean normalisation (scikit-learn's
+    default), 0 for independent, 1 for identical partitions; per cluster: size, majority label
+    and its share. assignments, labels: int64 (N,)."""
+    assignments, labels = assignments.long().cpu(), labels.long().cpu()
+    clusters, classes = int(assignments.max()) + 1, int(labels.max()) + 1
+    counts = torch.zeros(clusters, classes, dtype=torch.float64)
+    counts.index_put_((assignments, labels), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
+    joint = counts / counts.sum()
+    p_cluster, p_class = joint.sum(1), joint.sum(0)
+    nonzero = joint > 0
+    mutual = (joint[nonzero] * (joint[nonzero] / (p_cluster[:, None] * p_class[None, :])[nonzero]).log()).sum()
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p[p > 0] * p[p > 0].log()).sum()
+
+    normaliser = (entropy(p_cluster) + entropy(p_class)) / 2
+    sizes = counts.sum(1)
+    majority = counts.max(1)
+    return {
+        "purity": round(float(majority.values.sum() / counts.sum()), 4),
+        "nmi": round(float(mutual / normaliser) if normaliser > 0 else 1.0, 4),
+        "clusters": [
+            {"size": int(size), "majority_label": int(label), "majority_share": round(float(share / size), 3)}
+            for size, label, share in zip(sizes.tolist(), majority.indices.tolist(), majority.values.tolist())
+            if size > 0
+        ],
+    }

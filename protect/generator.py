@@ -141,6 +141,12 @@ class Generator(ABC):
         """JSON-ready facts about the last :meth:`fit` (rounds, convergence), recorded with the output."""
         return {}
 
+    def label_report(self, labels: torch.Tensor) -> dict[str, Any]:
+        """JSON-ready facts about the last :meth:`fit` measured against the folder's labels (int64
+        (N,), the fitted images' order), e.g. how pure a label-free method's clusters are. Called
+        after the fit, for the record only: nothing it reads reaches the noise."""
+        return {}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors that, loaded into a fresh generator with the same config, reproduce ``perturb``."""
         return {}

@@ -57,12 +57,21 @@ def test_clusters_and_perturbations_are_deterministic_for_a_seed() -> None:
     assert not torch.equal(first.deltas, other.deltas)
 
 
-def test_labels_are_ignored() -> None:
-    images = random_images()
-    unlabelled, labelled = tiny_generator(), tiny_generator()
-    unlabelled.fit(images, None)
-    labelled.fit(images, torch.arange(12) % 2)
-    assert torch.equal(unlabelled.deltas, labelled.deltas)
+class _Unreadable(torch.Tensor):
+    """Labels that fail the test when anything reads them."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise AssertionError(f"clusters read the labels ({func.__name__})")
+
+
+def test_no_code_path_of_clusters_reads_labels() -> None:
+    """Shuffled labels give identical noise, and labels that fail on any read are never read."""
+    images, labels = random_images(), torch.arange(12) % 3
+    shuffled, unreadable = tiny_generator(), tiny_generator()
+    shuffled.fit(images, labels[torch.randperm(12, generator=torch.Generator().manual_seed(0))])
+    unreadable.fit(images, labels.clone().as_subclass(_Unreadable))
+    assert torch.equal(shuffled.deltas, unreadable.deltas) and torch.equal(shuffled.centres, unreadable.centres)
 
 
 def test_each_perturbation_moves_features_toward_the_next_centre() -> None:

@@ -6,7 +6,8 @@ No labels are used anywhere, so the protection does not depend on how whoever sc
 images labels them:
 
 1. embed every image with a surrogate feature extractor (CLIP's image encoder by default; a
-   torchvision, timm or project model as options) and split the set into K clusters by k-means;
+   self-supervised encoder trained here on unlabelled pictures, or a torchvision, timm or
+   project model as options) and split the set into K clusters by k-means;
 2. for each cluster k train a perturbation generator, a ResNet encoder/decoder with a tanh
    output fed a fixed uniform noise image, so it parametrises one (3, R, R) perturbation,
    limited to the L-inf budget (eps 16/255 officially; 8/255 with ``--eps 8/255``). It is
@@ -15,6 +16,10 @@ images labels them:
    looks, to the surrogate, like the next cluster's centre;
 3. every image gets the perturbation of its cluster (nearest centre of its clean features),
    resized to the image.
+
+Every fit records the cluster sizes and, per generator, the KL to its target centre on a fixed
+set of images before and after training; :meth:`UnlearnableClusters.label_report` adds purity
+and NMI against a folder's labels when it has them (read for that report only).
 
 The fitted protector is the K centres and the K perturbations (plus a fingerprint of the
 surrogate); saved with ``--save-protector`` it protects new images without retraining.
@@ -31,25 +36,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protect.cluster import kmeans
+from protect.cluster import cluster_quality, kmeans
 from protect.config import ConfigError
 from protect.generator import Batch, FitScope, Generator, MethodConfig, register
 from protect.models.clip import RANDOM_WEIGHTS, load_clip, resolve_clip_weights
+from protect.models.ssl import SSLError, load_encoder
 from protect.progress import NullReporter, Reporter
 from protect.surrogates import SURROGATES, build_surrogate
 
-SURROGATE_KINDS = ("clip", "torchvision", "timm", "small-cnn", "resnet18")
+SURROGATE_KINDS = ("clip", "ssl", "torchvision", "timm", "small-cnn", "resnet18")
 BUDGET_MAPS = ("clamp", "scale")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Images the surrogate's fingerprint is taken on: fixed, so a protector can check that it is
 # used with the surrogate it was fitted with.
 _PROBE_IMAGES = 4
+# Images the KL to each target centre is measured on, before and after its generator's training.
+_KL_PROBE_IMAGES = 512
 
 
 @dataclass
 class UnlearnableClustersConfig(MethodConfig):
-    """surrogate: ``clip`` (open_clip), ``torchvision``, ``timm``, or this project's
+    """surrogate: ``clip`` (open_clip), ``ssl`` (a self-supervised encoder made with ``protect
+    surrogate ssl``, see :mod:`protect.models.ssl`), ``torchvision``, ``timm``, or this project's
     ``small-cnn`` / ``resnet18``. surrogate_model: the model name within that family (open_clip
     ``RN50``, torchvision ``resnet50``, ...). surrogate_pretrained: open_clip's tag of the
     weights (``openai``). surrogate_weights: a local weights file; empty = open_clip's
@@ -215,6 +224,9 @@ def resolve_surrogate_weights(cfg: UnlearnableClustersConfig) -> str:
             raise ConfigError(str(exc)) from None
     if cfg.surrogate == "torchvision":
         return _torchvision_weights(cfg)
+    if cfg.surrogate == "ssl":
+        return _require_file(cfg, "make a self-supervised encoder from unlabelled pictures with `protect surrogate ssl "
+                                  "IMAGES_DIR OUT_DIR` and pass OUT_DIR/encoder.safetensors with --set surrogate_weights=PATH")
     if cfg.surrogate == "timm":
         return _require_file(cfg, f"download the weights of timm's {cfg.surrogate_model} (huggingface.co/timm) "
                                   "and pass the file with --set surrogate_weights=PATH")
@@ -229,6 +241,13 @@ def build_embedder(cfg: UnlearnableClustersConfig, weights: str, device: torch.d
     random_init = weights == RANDOM_WEIGHTS
     if cfg.surrogate == "clip":
         return load_clip(cfg.surrogate_model, pretrained=cfg.surrogate_pretrained, weights=weights, device=device).encode_image
+    if cfg.surrogate == "ssl":
+        if random_init:
+            raise ConfigError("surrogate ssl needs a trained encoder (surrogate_weights=PATH), not random weights")
+        try:
+            return load_encoder(weights, device).embed
+        except SSLError as exc:
+            raise ConfigError(str(exc)) from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model, mean, std, size = _headless_model(cfg, weights, random_init)
@@ -298,6 +317,7 @@ class UnlearnableClusters(Generator):
         self.weights = resolve_surrogate_weights(config)
         self._embed: Embed | None = None
         self.centres: torch.Tensor | None = None
+        self.assignments: torch.Tensor | None = None
         self.deltas: torch.Tensor | None = None
         self.summary_facts: dict[str, Any] = {}
 
@@ -325,40 +345,68 @@ class UnlearnableClusters(Generator):
         return self.features(probe)
 
     # fit ----------------------------------------------------------------------------------
+    def cluster(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k-means of the surrogate features of ``images`` (uint8 (N, 3, R, R)): the assignments
+        (N,) and the centres (K, D), deterministic for the seed. No labels are involved."""
+        k = min(self.config.clusters, len(images))
+        return kmeans(self.features(images), k, seed=self.seed, iterations=self.config.kmeans_iterations)
+
     def fit(self, images: torch.Tensor, labels: torch.Tensor | None = None, reporter: Reporter | None = None) -> None:
-        """images: uint8 (N, 3, R, R); ``labels`` are ignored (the method is label-agnostic)."""
+        """images: uint8 (N, 3, R, R). ``labels`` are never read: the method is label-agnostic
+        (how well the clusters follow labels is reported separately, by :meth:`label_report`)."""
+        del labels
         reporter = reporter or NullReporter()
         cfg: UnlearnableClustersConfig = self.config
         if self.weights == RANDOM_WEIGHTS:
             reporter.message("clusters: the surrogate is randomly initialised (surrogate_weights=random): "
                              "for tests only, the protection will be weak", "warning")
         x_all = images  # uint8; batches become float one at a time (224 px sets are large)
-        k = min(cfg.clusters, len(images))
-        if k < cfg.clusters:
-            reporter.message(f"clusters: only {len(images)} images, so {k} clusters instead of {cfg.clusters}", "warning")
+        if len(images) < cfg.clusters:
+            reporter.message(f"clusters: only {len(images)} images, so {len(images)} clusters instead of {cfg.clusters}", "warning")
         with reporter.phase("clusters: surrogate features and k-means", total=None):
-            features = self.features(x_all)
-            assignments, self.centres = kmeans(features, k, seed=self.seed, iterations=cfg.kmeans_iterations)
-        deltas, losses = [], []
+            self.assignments, self.centres = self.cluster(x_all)
+        k = len(self.centres)
+        sizes = torch.bincount(self.assignments, minlength=k).tolist()
+        reporter.message(f"clusters: {k} clusters of sizes {', '.join(map(str, sizes))}")
+        probe = x_all[torch.randperm(len(x_all), generator=torch.Generator().manual_seed(self.seed))[:_KL_PROBE_IMAGES]]
+        deltas, kl = [], []
         for cluster in range(k):
-            target = self.centres[(cluster + cfg.target_offset) % k]
-            delta, loss = self._train_cluster_delta(x_all, target, cluster, k, reporter)
+            target = (cluster + cfg.target_offset) % k
+            delta, record = self._train_cluster_delta(x_all, probe, self.centres[target], cluster, k, reporter)
             deltas.append(delta)
-            losses.append(round(loss, 5))
+            kl.append({"cluster": cluster, "target": target, **record})
+            reporter.message(f"clusters: generator {cluster + 1}/{k} (size {sizes[cluster]}): KL to centre {target} "
+                             f"{record['start']:.4f} -> {record['end']:.4f} (clean images: {record['clean']:.4f}); "
+                             f"{record['hit_rate']:.0%} of perturbed probe images nearest to centre {target}")
         self.deltas = torch.stack(deltas)
         self.summary_facts = {
-            "clusters": k, "cluster_sizes": torch.bincount(assignments, minlength=k).tolist(),
-            "final_kl": losses,
+            "clusters": k, "cluster_sizes": sizes, "kl": kl,
             # this project's CNNs are named by `surrogate` alone; CLIP, timm and torchvision by the model too
-            "surrogate": cfg.surrogate if cfg.surrogate in SURROGATES else f"{cfg.surrogate}:{cfg.surrogate_model}",
+            "surrogate": cfg.surrogate if cfg.surrogate in (*SURROGATES, "ssl") else f"{cfg.surrogate}:{cfg.surrogate_model}",
             "surrogate_weights": self.weights if self.weights == RANDOM_WEIGHTS else Path(self.weights).name,
         }
 
+    def label_report(self, labels: torch.Tensor) -> dict[str, Any]:
+        """Purity and NMI of the fitted clusters against the folder's labels, and each cluster's
+        majority label: a report on the surrogate, read after the fit, never by it."""
+        if self.assignments is None or len(labels) != len(self.assignments):
+            return {}
+        return {"cluster_quality": cluster_quality(self.assignments, labels)}
+
+    @torch.no_grad()
+    def _probe_kl(self, probe: torch.Tensor, delta: torch.Tensor, goal: torch.Tensor, target: int) -> tuple[float, float]:
+        """KL to the target centre's softmax and the share of images whose features are nearest
+        to that centre, for the probe images (no augmentation) carrying ``delta``, in float32."""
+        features = self.features((_as_unit_float(probe) + delta.cpu()).clamp(0, 1))
+        kl = F.kl_div(features.log_softmax(dim=-1), goal.cpu().expand(len(features), -1), reduction="batchmean")
+        return float(kl), float((self.assign(features) == target).float().mean())
+
     def _train_cluster_delta(
-        self, x_all: torch.Tensor, target: torch.Tensor, cluster: int, k: int, reporter: Reporter
-    ) -> tuple[torch.Tensor, float]:
+        self, x_all: torch.Tensor, probe: torch.Tensor, target: torch.Tensor, cluster: int, k: int, reporter: Reporter
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Train cluster ``cluster``'s generator over the whole set; return its perturbation
-        (3, R, R) and the last batch's KL."""
+        (3, R, R) and a record of the KL on the probe images before and after training (and
+        without noise), the mean training KL of each epoch and the final hit rate."""
         cfg: UnlearnableClustersConfig = self.config
         gen = torch.Generator().manual_seed(self.seed * 1_000 + cluster)
         with torch.random.fork_rng(devices=[]):
@@ -369,10 +417,15 @@ class UnlearnableClusters(Generator):
         optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * batches, eta_min=cfg.min_lr)
         goal = target.float().softmax(dim=-1).to(self.device)[None]
+        target_index = (cluster + cfg.target_offset) % k
+        clean_kl, _ = self._probe_kl(probe, torch.zeros(()), goal, target_index)
+        with torch.no_grad():
+            start_kl, _ = self._probe_kl(probe, to_budget(net(noise), cfg.eps, cfg.budget_map)[0], goal, target_index)
         embed = self.embedder()
-        loss_value = float("nan")
+        epoch_kl: list[float] = []
         with reporter.phase(f"clusters: generator {cluster + 1}/{k}", total=cfg.epochs) as phase:
             for _ in range(cfg.epochs):
+                total = 0.0
                 for idx in torch.randperm(len(x_all), generator=gen).split(cfg.batch_size):
                     clean = random_crop_flip(_as_unit_float(x_all[idx]), gen).to(self.device)
                     delta = to_budget(net(noise), cfg.eps, cfg.budget_map)
@@ -383,13 +436,18 @@ class UnlearnableClusters(Generator):
                     loss.backward()
                     optimizer.step()
                     schedule.step()
-                    loss_value = float(loss.detach())
-                phase.describe(f"clusters: generator {cluster + 1}/{k}, KL to centre {(cluster + cfg.target_offset) % k}: {loss_value:.4f}")
+                    total += float(loss.detach()) * len(idx)
+                epoch_kl.append(round(total / len(x_all), 5))
+                phase.describe(f"clusters: generator {cluster + 1}/{k}, KL to centre {target_index}: {epoch_kl[-1]:.4f}")
                 phase.advance()
         # As in the official code the perturbation is read out in training mode (batch statistics
         # of the fixed input), right after the last step.
         with torch.no_grad():
-            return to_budget(net(noise), cfg.eps, cfg.budget_map)[0].float().cpu(), loss_value
+            delta = to_budget(net(noise), cfg.eps, cfg.budget_map)[0].float().cpu()
+        end_kl, hit_rate = self._probe_kl(probe, delta, goal, target_index)
+        record = {"clean": round(clean_kl, 5), "start": round(start_kl, 5), "end": round(end_kl, 5),
+                  "hit_rate": round(hit_rate, 4), "epochs": epoch_kl}
+        return delta, record
 
     # protect ------------------------------------------------------------------------------
     def perturb(self, batch: Batch) -> torch.Tensor:

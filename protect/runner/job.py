@@ -539,6 +539,16 @@ def _copy_protector(kept: Path, save_to: Path | str | None, reporter: Reporter) 
     reporter.message(f"protector saved to {save_to}; it holds the noise, keep it private", "warning")
 
 
+def _label_report(generator: Generator, labels: torch.Tensor, reporter: Reporter) -> dict[str, Any]:
+    """The fit measured against the source's labels (cluster purity and NMI for clusters), printed and recorded."""
+    report = generator.label_report(labels)
+    quality = report.get("cluster_quality")
+    if quality:
+        reporter.message(f"{generator.name}: clusters against the folder labels: purity {quality['purity']:.3f}, "
+                         f"NMI {quality['nmi']:.3f} (labels read for this report only)")
+    return report
+
+
 def _fit_whole(
     spec: JobSpec, job: Job, generator: Generator, units: list[Unit], fmt: ExportFormat, state_dir: Path, reporter: Reporter
 ) -> _Fit:
@@ -577,6 +587,8 @@ def _fit_whole(
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
     info = {**generator.fit_summary(), "fitted_now": True}
+    if fit_labels.labels is not None and not fit_labels.pseudo:
+        info.update(_label_report(generator, fit_labels.labels, reporter))
     classes = fit_labels.classes if generator.fit_scope is FitScope.CLASSES else []
     meta = {"method": job.method, "config": spec.config, "seed": spec.seed, "classes": classes, "fitted_on": len(small),
             "fit": {k: v for k, v in info.items() if k != "fitted_now"}, "how": how, "label_source": fit_labels.source}
