@@ -14,8 +14,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from attacks.contrastive import RECALL_AT, class_caption_list, contrastive_cell
-from attacks.verify import Cell, VerifyData, run_cell
+from attacks.contrastive import (
+    RECALL_AT,
+    HeldOutPairs,
+    attribute_captions,
+    captions_from_file,
+    class_caption_list,
+    contrastive_cell,
+    recall_at_k,
+)
+from attacks.verify import Cell, VerifyData, load_verify_data, run_cell
 from attacks.data import ImageSet
 from protect.budget import budget_in_levels
 from protect.cli import app
@@ -29,11 +37,12 @@ from protect.t2ue import (
     GeneratorSpec,
     T2UEError,
     T2UETrainConfig,
+    TextCondition,
     TextImagePairs,
     build_generator,
     class_captions,
     code_for,
-    embed_texts,
+    encode_captions,
     generator_paths,
     infonce_of,
     load_generator,
@@ -80,7 +89,7 @@ def trained(tmp_path_factory, clip) -> Path:
 def test_generator_output_is_within_budget_for_any_input() -> None:
     net = build_generator(GeneratorSpec(resolution=24, text_dim=32, width=16)).eval()
     gen = torch.Generator().manual_seed(0)
-    text = torch.randn(5, 32, generator=gen) * 1000  # far outside any real embedding
+    text = TextCondition(torch.randn(5, 32, generator=gen) * 1000)  # far outside any real embedding
     z = torch.randn(5, 100, generator=gen) * 1000
     delta = net.perturbation(text, z, EPS)
     assert delta.shape == (5, 3, 24, 24) and delta.dtype == torch.float32
@@ -142,7 +151,7 @@ def test_save_load_round_trip_and_wrong_text_encoder(tmp_path: Path, clip) -> No
     path = save_generator(tmp_path / "g", net, EPS, text_fingerprint(clip), {"note": "test"})
     assert generator_paths(path) == (tmp_path / "g.safetensors", tmp_path / "g.yaml")
     loaded = load_generator(tmp_path / "g.yaml", clip_weights="random")
-    text, z = embed_texts(clip, ["a photo of a ship."]), torch.randn(1, 100, generator=torch.Generator().manual_seed(0))
+    text, z = encode_captions(clip, ["a photo of a ship."]), torch.randn(1, 100, generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded.net.perturbation(text, z, EPS), net.perturbation(text, z, EPS))
     assert loaded.eps == EPS and loaded.description["note"] == "test"
     tensors = load_file(str(path))
@@ -269,24 +278,72 @@ def test_train_command_on_a_labelled_folder(tmp_path: Path, make_images) -> None
     assert invoke("t2ue", "train", tmp_path / "labelled", tmp_path / "g2", "--set", "nope=1").exit_code == 2
 
 
-def test_contrastive_victim_reports_recall(make_images) -> None:
+def test_recall_at_k_on_a_toy_set_with_known_answers() -> None:
+    # 4 images, 3 distinct captions; image i's own caption is caption_of[i].
+    caption_of = torch.tensor([0, 1, 2, 2])
+    similarity = torch.tensor([
+        [0.9, 0.1, 0.0],  # image 0: own caption ranked 1st
+        [0.8, 0.5, 0.1],  # image 1: 2nd
+        [0.2, 0.6, 0.1],  # image 2: 3rd
+        [0.0, 0.1, 0.7],  # image 3: 1st
+    ])
+    recall = recall_at_k(similarity, caption_of, ks=(1, 2, 3))
+    assert [recall[f"image_to_text_r{k}"] for k in (1, 2, 3)] == pytest.approx([2 / 4, 3 / 4, 1.0])
+    # caption 0's nearest image is image 0 (its own); caption 1's is image 2, then its own image 1;
+    # caption 2's is image 3 (one of its two images).
+    assert [recall[f"text_to_image_r{k}"] for k in (1, 2, 3)] == pytest.approx([2 / 3, 1.0, 1.0])
+
+
+def test_attribute_captions_describe_class_colour_and_brightness() -> None:
+    images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    images[0, 0] = 200  # red everywhere, mid brightness
+    images[1] = 250  # white, bright
+    images[1, :, 8:24, 8:24] = torch.tensor([20, 40, 200], dtype=torch.uint8)[:, None, None]  # a blue centre
+    images[2] = 10  # black, dark
+    captions = attribute_captions(images, torch.tensor([0, 1, 2]), ["fire_truck", "ship", "cat"])
+    assert captions == ["a dark photo of a red fire truck on a red background.",
+                        "a bright photo of a blue ship on a white background.",
+                        "a dark photo of a black cat on a black background."]
+
+
+def test_contrastive_victim_reports_zero_shot_and_recall() -> None:
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (24, 3, 32, 32), generator=gen, dtype=torch.uint8)
     labels = torch.arange(24) % 3
-    captions = class_caption_list(labels, ["cat", "dog", "car"])
-    result = contrastive_cell("clip-tiny", images, captions, images[:12], captions[:12], epochs=2, seed=0)
+    captions = [f"a photo of a {c} number {i % 5}." for i, c in enumerate(class_caption_list(labels, ["cat", "dog", "car"]))]
+    held_out = HeldOutPairs(images[:12], captions[:12], labels[:12], ["cat", "dog", "car"])
+    result = contrastive_cell("clip-tiny", images, captions, held_out, epochs=2, seed=0)
     recall = result["recall"]
     assert set(recall) == {f"{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in RECALL_AT}
     for direction in ("image_to_text", "text_to_image"):
         values = [recall[f"{direction}_r{k}"] for k in RECALL_AT]
         assert all(0 <= v <= 1 for v in values) and values == sorted(values)
-    assert recall["image_to_text_r5"] == 1.0  # 3 distinct captions: every image's is in the top 5
-    assert len(result["test_accuracy"]) == 2 and result["final"] == recall["image_to_text_r1"]
+    assert result["distinct_test_captions"] == 12
+    assert len(result["test_accuracy"]) == 2 and 0 <= result["final"] <= 1
 
-    data = ImageSet(images, labels, ["cat", "dog", "car"], [f"{i}.png" for i in range(24)])
-    verify_data = VerifyData(data, data, data, data, {}, EPS)
-    cell = Cell("clip-tiny", "none", (), "protected", 1, 0)
+
+def test_per_image_captions_flow_from_a_file_into_verify(tmp_path: Path, make_images) -> None:
+    """Captions of a CSV (train) and a JSONL (test) reach the contrastive victim's training and
+    its held-out scoring; an image without a caption is named."""
+    clean, test, protected = tmp_path / "clean", tmp_path / "test", tmp_path / "protected"
+    train_paths = [p.relative_to(clean).as_posix() for p in make_images("clean", per_class=6)]
+    test_paths = [p.relative_to(test).as_posix() for p in make_images("test", per_class=3, seed=5)]
+    shutil.copytree(clean, protected)
+    (tmp_path / "train.csv").write_text("image,caption\n" + "".join(f"{p},picture {i} of {p.split('/')[0]}\n" for i, p in enumerate(train_paths)))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"image": p, "caption": f"held out {i}"}) + "\n" for i, p in enumerate(test_paths)))
+    data = load_verify_data(protected, clean, test, captions=tmp_path / "train.csv", test_captions=tmp_path / "test.jsonl")
+    captions, held_out = data.contrastive_pairs()
+    assert captions[train_paths[3]] == f"picture 3 of {train_paths[3].split('/')[0]}"
+    assert held_out.captions == [f"held out {test_paths.index(p)}" for p in data.test.paths]
+    assert data.captions_source == "train.csv + test.jsonl"
     from protect.progress import NullReporter
 
-    out = run_cell(cell, verify_data, device=torch.device("cpu"), reporter=NullReporter())
-    assert "recall" in out and out["train_images"] == 24
+    out = run_cell(Cell("clip-tiny", "none", (), "protected", 1, 0), data, device=torch.device("cpu"), reporter=NullReporter())
+    assert out["distinct_test_captions"] == len(test_paths) and out["captions"] == "train.csv + test.jsonl"
+    assert set(out["recall"]) == {f"{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in RECALL_AT}
+
+    default = load_verify_data(protected, clean, test)
+    assert default.captions_source == "attributes" and default.contrastive_pairs()[0][train_paths[0]].startswith("a ")
+    (tmp_path / "short.csv").write_text("image,caption\n" + f"{train_paths[0]},only one\n")
+    with pytest.raises(ValueError, match=f"short.csv has no caption for {train_paths[1]}"):
+        load_verify_data(protected, clean, test, captions=tmp_path / "short.csv")
