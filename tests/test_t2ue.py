@@ -86,6 +86,19 @@ def trained(tmp_path_factory, clip) -> Path:
     return train_generator(tiny_pairs(), tiny_config(), out, clip=clip).generator
 
 
+@pytest.fixture(scope="module")
+def trained_unet(tmp_path_factory, clip) -> Path:
+    """A diffusers-UNet generator trained for one epoch (two steps) on the tiny set."""
+    out = tmp_path_factory.mktemp("generator-unet")
+    return train_generator(tiny_pairs(16), tiny_config(backbone="unet", epochs=1), out, clip=clip).generator
+
+
+@pytest.fixture(params=["ssa", "unet"])
+def trained_any(request) -> Path:
+    """Each backbone's trained generator."""
+    return request.getfixturevalue("trained" if request.param == "ssa" else "trained_unet")
+
+
 def test_generator_output_is_within_budget_for_any_input() -> None:
     net = build_generator(GeneratorSpec(resolution=24, text_dim=32, width=16)).eval()
     gen = torch.Generator().manual_seed(0)
@@ -97,8 +110,8 @@ def test_generator_output_is_within_budget_for_any_input() -> None:
     assert delta.abs().max() > 0
 
 
-def test_same_text_and_code_give_the_same_noise(trained: Path) -> None:
-    loaded = load_generator(trained, clip_weights="random")
+def test_same_text_and_code_give_the_same_noise(trained_any: Path) -> None:
+    loaded = load_generator(trained_any, clip_weights="random")
     z = code_for("a photo of a cat.", 0, loaded.net.spec.z_dim)
     assert torch.equal(z, code_for("a photo of a cat.", 0, loaded.net.spec.z_dim))
     alone = noise_from_text(loaded, ["a photo of a cat."], z[None])
@@ -125,8 +138,12 @@ def test_training_lowers_the_surrogate_infonce(tmp_path: Path, clip) -> None:
     assert np.mean(summary.epoch_losses[-5:]) < np.mean(summary.epoch_losses[:5])
 
 
-def test_interrupted_training_resumes_to_the_same_generator(tmp_path: Path, clip) -> None:
-    pairs, config = tiny_pairs(16), tiny_config(epochs=3)
+@pytest.mark.parametrize("learner", ["frozen", "bilevel"])
+def test_interrupted_training_resumes_to_the_same_generator(tmp_path: Path, clip, learner: str) -> None:
+    """Also for the bi-level loop (with augmentation and caption codes), whose learner CLIP is
+    part of the checkpoint."""
+    extra = {"learner": learner, "augment": True, "codes": "caption", "learner_model": TINY_TEST_MODEL} if learner == "bilevel" else {}
+    pairs, config = tiny_pairs(16), tiny_config(epochs=3, **extra)
     whole = train_generator(pairs, config, tmp_path / "whole", clip=clip).generator
 
     def stop_after_first(epoch: int, loss: float) -> None:
@@ -143,7 +160,21 @@ def test_interrupted_training_resumes_to_the_same_generator(tmp_path: Path, clip
         assert torch.equal(value, load_file(str(summary.generator))[key]), key
     # another config in the same folder is refused, not silently mixed
     with pytest.raises(T2UEError, match="another training"):
-        train_generator(pairs, tiny_config(epochs=4), tmp_path / "resumed", clip=clip)
+        train_generator(pairs, tiny_config(epochs=4, **extra), tmp_path / "resumed", clip=clip)
+
+
+def test_unet_generator_saves_and_loads_in_the_same_format(tmp_path: Path, trained_unet: Path, clip) -> None:
+    loaded = load_generator(trained_unet, clip_weights="random")
+    assert loaded.net.spec.backbone == "unet" and loaded.description["format"] == "protect-t2ue-generator/1"
+    text = encode_captions(clip, ["a red car.", "a photo of a ship."], tokens=True)
+    assert text.tokens.shape[:2] == text.mask.shape and text.mask[:, 0].all() and not text.mask.all()
+    z = torch.randn(2, 100, generator=torch.Generator().manual_seed(0))
+    delta = loaded.net.perturbation(text, z, EPS)
+    assert delta.shape == (2, 3, 32, 32) and 0 < delta.abs().max() <= EPS + 1e-7
+    path = save_generator(tmp_path / "copy", loaded.net, EPS, text_fingerprint(clip), {})
+    assert torch.equal(load_generator(path, clip_weights="random").net.perturbation(text, z, EPS), delta)
+    with pytest.raises(T2UEError, match="unknown generator backbone 'vae'; available: ssa, unet"):
+        GeneratorSpec(32, 32, backbone="vae")
 
 
 def test_save_load_round_trip_and_wrong_text_encoder(tmp_path: Path, clip) -> None:
@@ -167,8 +198,9 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def test_noise_from_text_alone_then_added_to_an_image(tmp_path: Path, trained: Path, make_images) -> None:
+def test_noise_from_text_alone_then_added_to_an_image(tmp_path: Path, trained_any: Path, make_images) -> None:
     """`protect t2ue noise` reads no image; `apply` adds its output within the budget."""
+    trained = trained_any
     result = invoke("t2ue", "noise", "a photo of a cat.", "--generator", trained, "--clip-weights", "random",
                     "--size", "40x24", "--out", tmp_path / "noise.png")
     assert result.exit_code == 0, result.output
