@@ -59,10 +59,11 @@ from protect.t2ue import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from p0 import build_subset, generate, mean_std  # noqa: E402
-from tables import machine, write_table  # noqa: E402
+from tables import command_line, machine, print_markdown_table, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "results" / "p0_t2ue"
+SECTION = "P0: protection from text alone"
 
 
 def train_surrogate(data: Path, name: str, epochs: int, path: Path, classes: list[str]) -> dict:
@@ -227,19 +228,17 @@ def write_factor_table(results: dict, surrogate: dict, args: argparse.Namespace)
             _pct([clip[f"image_to_text_r{k}"] for k in RECALL_AT]), _pct([clip[f"text_to_image_r{k}"] for k in RECALL_AT]),
             f"{100 * clip['zero_shot_noisy_test']:.1f}" if "zero_shot_noisy_test" in clip else "-", f"{100 * row['small_cnn']:.1f}",
         ])
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(c) for c in row) + " |")
+    print_markdown_table(columns, rows)
     write_table(
         "p0-t2ue-factors",
         title="T2UE: what limits the effect on a contrastive victim (pilot scale)",
-        command=f"python benchmarks/p0_t2ue.py factors --per-class {args.per_class} --epochs {args.epochs}",
+        command=command_line(),
         protocol=(f"P0 subset: {args.per_class} protected train images per class, test {args.test_per_class}/class; surrogate "
                   f"{args.surrogate} trained from scratch on {args.surrogate_per_class}/class disjoint images (4000..) with attribute "
                   f"captions ({args.surrogate_epochs} epochs, zero-shot {100 * surrogate['zero_shot']:.1f}%); generators on the same "
                   f"disjoint images with class prompts; class-wise noise; victims {args.victim} and small CNN, {args.epochs} epochs, "
                   "1 seed, trained on each image's attribute caption; recall on the held-out attribute captions"),
-        columns=columns, rows=rows, hardware=machine(), section="T2UE",
+        columns=columns, rows=rows, hardware=machine(), section=SECTION,
         notes=f"generator base: {FACTOR_BASE}; 'zero-shot on noisy test' = the victim on test images carrying the same class-wise noise.",
     )
 
