@@ -274,8 +274,8 @@ def train_full_generator(
     loaded = load_generator(trained.generator, clip_weights=str(weights))
     return {
         "path": str(trained.generator), "backbone": backbone, "settings": {**settings, "backbone": backbone},
-        # the training's own clock (a resumed training adds the epochs it resumed from)
-        "seconds": trained.seconds if trained.resumed_from_epoch == 0 else trained.seconds, "wall_seconds": time.perf_counter() - started,
+        # the training's own clock, which a resumed training continues
+        "seconds": trained.seconds, "wall_seconds": time.perf_counter() - started,
         "parameters": sum(p.numel() for p in loaded.net.parameters()),
         "first_loss": trained.epoch_losses[0], "last_loss": trained.epoch_losses[-1],
         "noise_images_per_s": noise_throughput(loaded),
