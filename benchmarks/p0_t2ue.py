@@ -97,9 +97,15 @@ FACTORS: dict[str, dict] = {
     "frozen (paper)": {},
     "frozen + augment": {"augment": True},
     "bi-level + augment": {"learner": "bilevel", "augment": True},
-    "bi-level + augment, caption z": {"learner": "bilevel", "augment": True, "codes": "caption"},
+    "bi-level + augment + caption z": {"learner": "bilevel", "augment": True, "codes": "caption"},
     "frozen+bi-level + augment": {"learner": "frozen+bilevel", "augment": True},
+    "bi-level + augment + unet": {"learner": "bilevel", "augment": True, "backbone": "unet", "width": 64},
+    "frozen + surrogate 3x epochs": {"surrogate_epochs": 3},
+    "frozen + 30 epochs": {"epochs": 30},
+    "frozen + lr 1e-4": {"lr": 1e-4},
 }
+# Factor keys that are not generator training keys: the surrogate's epochs as a multiple of --surrogate-epochs.
+SURROGATE_KEYS = ("surrogate_epochs",)
 CONTROLS = ("clean", "random class-wise")
 
 
@@ -158,10 +164,18 @@ def run_factors(args: argparse.Namespace, log: Callable[[str], None]) -> None:
     classes = clean_train.classes
     train_captions = attribute_captions(clean_train.images, clean_train.labels, classes)
     held_out = HeldOutPairs(test.images, attribute_captions(test.images, test.labels, classes), test.labels, classes)
-    weights = WORK / f"surrogate-{args.surrogate}-captions-{args.surrogate_per_class}-{args.surrogate_epochs}.safetensors"
-    surrogate = train_caption_surrogate(args.surrogate, disjoint, args.surrogate_epochs, weights, log)
-    surrogate_scores = held_out.score(surrogate)
-    log(f"surrogate zero-shot {surrogate_scores['zero_shot']:.3f}")
+    surrogates: dict[int, tuple[Path, ClipEncoders, dict]] = {}
+
+    def surrogate_for(multiple: int) -> tuple[Path, ClipEncoders, dict]:
+        if multiple not in surrogates:
+            epochs = args.surrogate_epochs * multiple
+            weights = WORK / f"surrogate-{args.surrogate}-captions-{args.surrogate_per_class}-{epochs}.safetensors"
+            clip = train_caption_surrogate(args.surrogate, disjoint, epochs, weights, log)
+            surrogates[multiple] = (weights, clip, held_out.score(clip))
+            log(f"surrogate ({epochs} epochs): zero-shot {surrogates[multiple][2]['zero_shot']:.3f}")
+        return surrogates[multiple]
+
+    surrogate_scores = surrogate_for(1)[2]
     pairs = TextImagePairs(disjoint.images, [class_prompt(c) for c in classes], disjoint.labels[:, None].clone(), "disjoint")
     out = WORK / "factors.json"
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -173,6 +187,9 @@ def run_factors(args: argparse.Namespace, log: Callable[[str], None]) -> None:
             log(f"{key}: already measured")
             continue
         row: dict[str, Any] = {"settings": {**FACTOR_BASE, **FACTORS[name]} if name not in CONTROLS else {}}
+        multiple = row["settings"].pop("surrogate_epochs", 1)
+        weights, surrogate, scores = surrogate_for(multiple)
+        row["surrogate_zero_shot"] = scores["zero_shot"]
         noise = noisy_test = None
         if name == "random class-wise":
             noise, test_noise = random_classwise_noise(classes, clean_train.labels, eps), random_classwise_noise(classes, test.labels, eps)
@@ -181,7 +198,8 @@ def run_factors(args: argparse.Namespace, log: Callable[[str], None]) -> None:
                                      templates=["a photo of a {}."], **row["settings"])
             slug = "-".join(f"{k}{v}" for k, v in sorted(row["settings"].items()))
             started = time.perf_counter()
-            trained = train_generator(pairs, config, WORK / f"factor-{args.surrogate}-{args.surrogate_per_class}-{slug}", clip=surrogate,
+            folder = WORK / f"factor-{args.surrogate}-{args.surrogate_per_class}-{args.surrogate_epochs * multiple}-{slug}"
+            trained = train_generator(pairs, config, folder, clip=surrogate,
                                       on_epoch=lambda e, loss: log(f"  generator epoch {e}: InfoNCE {loss:.3f}"))
             row["generator_seconds"] = time.perf_counter() - started
             loaded = load_generator(trained.generator, clip_weights=str(weights))
@@ -215,6 +233,8 @@ def write_factor_table(results: dict, surrogate: dict, args: argparse.Namespace)
         name, victim, scale = key.split(" | ")
         if victim != args.victim or scale != f"{args.per_class}/class":
             continue
+        if row.get("surrogate_zero_shot", surrogate["zero_shot"]) != surrogate["zero_shot"]:
+            name += f" (surrogate zero-shot {100 * row['surrogate_zero_shot']:.1f}%)"
         clip = row["clip augment=True"]
         no_aug = row.get("clip augment=False")
         rows.append([
