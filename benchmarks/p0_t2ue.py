@@ -280,20 +280,26 @@ def caption_pairs(data: ImageSet, captions: list[str]) -> TextImagePairs:
     return TextImagePairs(data.images, texts, options, "CIFAR-10 train 4000.. (class prompts and attribute captions)")
 
 
+def backbone_settings(spec: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` for the backbone ``spec``: a name, or name@width (e.g. unet@64)."""
+    name, _, width = spec.partition("@")
+    return {**settings, "backbone": name, **({"width": int(width)} if width else {})}
+
+
 def train_full_generator(
     backbone: str, settings: dict[str, Any], pairs: TextImagePairs, surrogate: ClipEncoders, weights: Path, args: argparse.Namespace,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    config = T2UETrainConfig(clip_model=CONTRASTIVE_VICTIMS[args.surrogate], clip_weights=str(weights),
-                             **{**settings, "backbone": backbone})
-    slug = "-".join(f"{k}{v}" for k, v in sorted({**settings, "backbone": backbone}.items()))
+    own = backbone_settings(backbone, settings)
+    config = T2UETrainConfig(clip_model=CONTRASTIVE_VICTIMS[args.surrogate], clip_weights=str(weights), **own)
+    slug = "-".join(f"{k}{v}" for k, v in sorted(own.items()))
     folder = WORK / f"generator-{args.surrogate}-{args.surrogate_per_class}-captions-{slug}"
     started = time.perf_counter()
     trained = train_generator(pairs, config, folder, clip=surrogate,
                               on_epoch=lambda e, loss: log(f"  {backbone} generator epoch {e}: InfoNCE {loss:.3f}"))
     loaded = load_generator(trained.generator, clip_weights=str(weights))
     return {
-        "path": str(trained.generator), "backbone": backbone, "settings": {**settings, "backbone": backbone},
+        "path": str(trained.generator), "backbone": backbone, "settings": own,
         # the training's own clock, which a resumed training continues
         "seconds": trained.seconds, "wall_seconds": time.perf_counter() - started,
         "parameters": sum(p.numel() for p in loaded.net.parameters()),
@@ -445,7 +451,8 @@ def main() -> None:
     parser.add_argument("--surrogate-epochs", type=int, default=30)
     parser.add_argument("--gen", default="", help="full: generator training keys over the factors' base, e.g. "
                         "'learner=bilevel,augment=true,epochs=20'")
-    parser.add_argument("--backbones", default="ssa", help="full: comma list of generator backbones, the first one for every row")
+    parser.add_argument("--backbones", default="ssa", help="full: comma list of generator backbones (name or name@width, e.g. "
+                        "unet@64), the first one for every row")
     parser.add_argument("--clip-seeds", type=int, default=1, help="full: seeds of the contrastive victim")
     parser.add_argument("--victim", default="clip-tiny", choices=sorted(CONTRASTIVE_VICTIMS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: every core)")
