@@ -13,6 +13,7 @@ import torch
 import typer
 from rich.table import Table
 
+from attacks.contrastive import CONTRASTIVE_VICTIMS
 from attacks.purify import PurifierError, default_cache_dir, example_rows, plan_variants
 from attacks.purify_cli import register as register_purifier
 from attacks.report import example_index, summarise, write_report
@@ -36,7 +37,7 @@ def verify(
     clean_train: Path = typer.Option(..., "--clean-train", help="The clean originals (ImageFolder: one subfolder per class)."),
     test: Path = typer.Option(..., "--test", help="Clean test set (ImageFolder), disjoint from the training data."),
     preset: str = typer.Option("quick", "--preset", help="quick (minutes on a CPU) or standard (protocol P0)."),
-    victims: Optional[str] = typer.Option(None, "--victims", help="Comma list: small-cnn, resnet18, vgg11, vit-small; clip-tiny, clip-small (contrastive, with template captions)."),
+    victims: Optional[str] = typer.Option(None, "--victims", help="Comma list: small-cnn, resnet18, vgg11, vit-small; clip-tiny, clip-small (contrastive: a CLIP trained on each image's caption)."),
     countermeasures: Optional[str] = typer.Option(
         None, "--countermeasures",
         help="Comma list: none, jpeg, grayscale, bit-depth, blur, cutout, mixup, cutmix, adv-training, ueraser-lite, mix, "
@@ -62,6 +63,14 @@ def verify(
     purify_t: str = typer.Option("0.1,0.2", "--purify-t", help="For diffusion-purify: t* values as fractions of the "
                                  "diffusion horizon T, one row each."),
     purify_steps: int = typer.Option(10, "--purify-steps", help="For diffusion-purify: reverse (denoising) steps from t* to 0."),
+    captions: Optional[Path] = typer.Option(
+        None, "--captions", help="Contrastive victims: a CSV/JSONL of image,caption for the training images (paths relative "
+        "to --clean-train). Default: a caption made from each image's class, colours and brightness.",
+    ),
+    test_captions: Optional[Path] = typer.Option(
+        None, "--test-captions", help="Contrastive victims: a CSV/JSONL of image,caption for the test images (paths relative "
+        "to --test), scored by recall@1/5/10 both ways. Default: as for --captions.",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     relabel: Optional[str] = typer.Option(None, "--relabel", help="Labels the victims train and test with: true (default), "
                                           "coarse:FILE or coarse:NAME (class groups, e.g. coarse:cifar10-coarse) or "
@@ -78,7 +87,8 @@ def verify(
                          epochs=epochs, seeds=seeds, clean_fraction=mix, relabel=relabel, variants=variants)
         if report_dir.resolve().is_relative_to(protected.resolve()):
             raise VerifyError("--out must not be inside the protected folder")
-        data = load_verify_data(protected, clean_train, test, resolution=resolution, relabel=plan.relabel)
+        data = load_verify_data(protected, clean_train, test, resolution=resolution, relabel=plan.relabel,
+                                captions=captions, test_captions=test_captions)
     except (VerifyError, PurifierError) as exc:
         raise fail(str(exc)) from None
     started = time.perf_counter()
@@ -105,6 +115,7 @@ def verify(
         "plan": {"victims": plan.victims, "countermeasures": plan.countermeasures, "epochs": plan.epochs,
                  "seeds": plan.seeds, "per_class": plan.per_class},
         "relabel": plan.relabel or "true", "labelling": data.labelling,
+        **({"captions": data.captions_source} if any(v in CONTRASTIVE_VICTIMS for v in plan.victims) else {}),
         "device": str(torch_device), "seconds": time.perf_counter() - started,
         "peak_memory_mib": largest_peak_memory(results, peak_memory_mib(torch_device)),
         "runs": {"planned": len(cells), "finished": len(results),

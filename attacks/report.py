@@ -248,8 +248,10 @@ def _markdown(
         lines.append(f"| {row['victim']} | {label(row['countermeasure'], row['settings'])}{star} | " + " | ".join(cells) + f" | {verdict} |")
     recall_rows = [row for row in rows if any("recall" in (row.get(kind) or {}) for kind in DATA_KINDS)]
     if recall_rows:
+        distinct = max((r.get("distinct_test_captions", 0) for r in results), default=0)
         lines += ["", "Contrastive victims (clip-*) report zero-shot accuracy above; their retrieval recall on the clean "
-                  "test pairs (%, image->text / text->image, R@1/5/10):", ""]
+                  f"test pairs, each image with its own caption ({meta.get('captions', 'attributes')}; {distinct} distinct "
+                  "test captions) (%, image->text R@1/5/10, text->image R@1/5/10):", ""]
         for row in recall_rows:
             for kind in DATA_KINDS:
                 recall = (row.get(kind) or {}).get("recall")

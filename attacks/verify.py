@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from attacks.contrastive import CONTRASTIVE_VICTIMS, ClipTrainConfig, class_caption_list, contrastive_cell
+from attacks.contrastive import (
+    CONTRASTIVE_VICTIMS,
+    ClipTrainConfig,
+    HeldOutPairs,
+    attribute_captions,
+    captions_from_file,
+    contrastive_cell,
+)
 from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
 from attacks.data import ImageSet, clean_choice, load_image_folder, load_pairs, mix_with_clean
 from attacks.purify import missing_purifier_message
@@ -190,6 +197,24 @@ class VerifyData:
     eps: float  # measured on the files: the largest |protected - clean| over all pairs
     labelling: str = "the true labels (the clean folders' class names)"
     claimed_eps: float | None = None  # what protection.json says, when there is one
+    # Contrastive victims: each training image's caption by path, the held-out captions, and
+    # where they came from; None: attribute captions of the clean images (attribute_captions).
+    train_captions: dict[str, str] | None = None
+    test_captions: list[str] | None = None
+    captions_source: str = "attributes"
+
+    def contrastive_pairs(self) -> tuple[dict[str, str], HeldOutPairs]:
+        """Per-image captions of the training images (by path, from the clean images) and the
+        clean held-out pairs contrastive victims are scored on."""
+        if self.train_captions is None:
+            self.train_captions = dict(zip(self.clean.paths, attribute_captions(self.clean.images, self.clean.labels, self.clean.classes)))
+        if self.test_captions is None:
+            self.test_captions = attribute_captions(self.test.images, self.test.labels, self.test.classes)
+        return self.train_captions, HeldOutPairs(self.test.images, self.test_captions, self.test.labels, self.test.classes)
+
+    def captions_fingerprint(self) -> str:
+        train, test = self.contrastive_pairs()
+        return hashlib.sha256(json.dumps([sorted(train.items()), test.captions]).encode()).hexdigest()[:16]
 
     @property
     def chance(self) -> float:
@@ -214,11 +239,13 @@ def random_control(clean: ImageSet, eps: float, seed: int) -> ImageSet:
 
 def load_verify_data(
     protected_dir: Path, clean_dir: Path, test_dir: Path, *, resolution: int = 32, seed: int = 0,
-    relabel: str | None = None,
+    relabel: str | None = None, captions: Path | None = None, test_captions: Path | None = None,
 ) -> VerifyData:
     """Pair protected files with their clean originals (by the manifest of ``protect run``,
     else by relative path), read the test set, and build the random control; ``relabel``
-    (attacks.relabel) gives every set the labels a victim would use instead of the true ones."""
+    (attacks.relabel) gives every set the labels a victim would use instead of the true ones.
+    ``captions`` / ``test_captions``: CSV/JSONL files of image,caption for contrastive victims
+    (paths relative to ``clean_dir`` / ``test_dir``); without them, attribute captions."""
     for label, path in (("protected", protected_dir), ("--clean-train", clean_dir), ("--test", test_dir)):
         if not Path(path).is_dir():
             raise VerifyError(f"{label} folder not found: {path}")
@@ -240,7 +267,17 @@ def load_verify_data(
         (clean, control, protected), test = relabel_sets(spec, [clean, random_control(clean, eps, seed), protected], test, seed=seed)
     except RelabelError as exc:
         raise VerifyError(str(exc)) from None
-    return VerifyData(clean, control, protected, test, protection, eps, describe(spec), claimed)
+    data = VerifyData(clean, control, protected, test, protection, eps, describe(spec), claimed)
+    try:
+        if captions is not None:
+            data.train_captions = dict(zip(clean.paths, captions_from_file(captions, clean.paths)))
+        if test_captions is not None:
+            data.test_captions = captions_from_file(test_captions, test.paths)
+    except (ValueError, OSError) as exc:
+        raise VerifyError(str(exc)) from None
+    given = [Path(f).name for f in (captions, test_captions) if f is not None]
+    data.captions_source = " + ".join(given + (["attributes"] if len(given) < 2 else []))
+    return data
 
 
 def _claimed_protection(path: Path) -> tuple[dict[str, Any], float | None]:
@@ -352,23 +389,24 @@ def _run_cell_resuming(
 def _run_contrastive_cell(
     cell: Cell, train: ImageSet, data: VerifyData, countermeasure: Any, *, device: torch.device, reporter: Reporter
 ) -> dict[str, Any]:
-    """A small CLIP trained from scratch on (image, "a photo of a {class}.") pairs; its accuracy
-    is zero-shot accuracy on the clean test set, with retrieval recall beside it."""
+    """A small CLIP trained from scratch on (image, its own caption) pairs; its accuracy is
+    zero-shot accuracy on the clean test set, with retrieval recall on the clean held-out pairs
+    beside it."""
     if countermeasure.batch_loss is not None:
         raise VerifyError(f"{cell.countermeasure} changes the classification loss; contrastive victims take "
                           "data countermeasures only (none, jpeg, grayscale, bit-depth, blur, mix)")
+    captions, held_out = data.contrastive_pairs()
     title = f"{cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}"
     with reporter.phase(title, total=cell.epochs) as phase:
-        def on_epoch(epoch: int, loss: float, recall: dict[str, float]) -> None:
-            phase.describe(f"{title}: zero-shot acc {100 * recall['image_to_text_r1']:.1f}%")
+        def on_epoch(epoch: int, loss: float, scores: dict[str, float]) -> None:
+            phase.describe(f"{title}: zero-shot acc {100 * scores['zero_shot']:.1f}%")
             phase.advance()
 
         result = contrastive_cell(
-            cell.victim, train.images, class_caption_list(train.labels, train.classes), data.test.images,
-            class_caption_list(data.test.labels, data.test.classes), epochs=cell.epochs, seed=cell.seed,
-            data_transform=countermeasure.data_transform, device=device, on_epoch=on_epoch,
+            cell.victim, train.images, [captions[path] for path in train.paths], held_out, epochs=cell.epochs,
+            seed=cell.seed, data_transform=countermeasure.data_transform, device=device, on_epoch=on_epoch,
         )
-    return {"cell": asdict(cell), **result, "train_images": len(train),
+    return {"cell": asdict(cell), **result, "train_images": len(train), "captions": data.captions_source,
             "precision": resolved_precision(device, ClipTrainConfig.precision)}
 
 
@@ -454,7 +492,10 @@ def run_plan(
         if shared_dir is not None and cell.data != "protected":
             places.append(shared_dir / name)
         title = f"{cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}"
-        result, stale = _finished_run(places, fingerprints[cell.data], reporter, title)
+        fingerprint = fingerprints[cell.data]
+        if cell.victim in CONTRASTIVE_VICTIMS:  # their captions are part of what they train on
+            fingerprint = hashlib.sha256(f"{fingerprint}:{data.captions_fingerprint()}".encode()).hexdigest()[:16]
+        result, stale = _finished_run(places, fingerprint, reporter, title)
         if result is None and not train:
             continue
         if result is None:
@@ -465,7 +506,7 @@ def run_plan(
             result["wall_seconds"] = time.perf_counter() - started + result.get("resumed", {}).get("seconds", 0.0)
             result["peak_memory_mib"] = peak_memory_mib(device)
             result["device"] = device_description(device)
-            result["data_fingerprint"] = fingerprints[cell.data]
+            result["data_fingerprint"] = fingerprint
         for path in places:
             if path in stale or not path.exists():
                 write_text_atomic(path, json.dumps(result))

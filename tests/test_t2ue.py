@@ -14,8 +14,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from attacks.contrastive import RECALL_AT, class_caption_list, contrastive_cell
-from attacks.verify import Cell, VerifyData, run_cell
+from attacks.contrastive import (
+    RECALL_AT,
+    HeldOutPairs,
+    attribute_captions,
+    captions_from_file,
+    class_caption_list,
+    contrastive_cell,
+    recall_at_k,
+)
+from attacks.verify import Cell, VerifyData, load_verify_data, run_cell
 from attacks.data import ImageSet
 from protect.budget import budget_in_levels
 from protect.cli import app
@@ -29,11 +37,12 @@ from protect.t2ue import (
     GeneratorSpec,
     T2UEError,
     T2UETrainConfig,
+    TextCondition,
     TextImagePairs,
     build_generator,
     class_captions,
     code_for,
-    embed_texts,
+    encode_captions,
     generator_paths,
     infonce_of,
     load_generator,
@@ -77,10 +86,23 @@ def trained(tmp_path_factory, clip) -> Path:
     return train_generator(tiny_pairs(), tiny_config(), out, clip=clip).generator
 
 
+@pytest.fixture(scope="module")
+def trained_unet(tmp_path_factory, clip) -> Path:
+    """A diffusers-UNet generator trained for one epoch (two steps) on the tiny set."""
+    out = tmp_path_factory.mktemp("generator-unet")
+    return train_generator(tiny_pairs(16), tiny_config(backbone="unet", epochs=1), out, clip=clip).generator
+
+
+@pytest.fixture(params=["ssa", "unet"])
+def trained_any(request) -> Path:
+    """Each backbone's trained generator."""
+    return request.getfixturevalue("trained" if request.param == "ssa" else "trained_unet")
+
+
 def test_generator_output_is_within_budget_for_any_input() -> None:
     net = build_generator(GeneratorSpec(resolution=24, text_dim=32, width=16)).eval()
     gen = torch.Generator().manual_seed(0)
-    text = torch.randn(5, 32, generator=gen) * 1000  # far outside any real embedding
+    text = TextCondition(torch.randn(5, 32, generator=gen) * 1000)  # far outside any real embedding
     z = torch.randn(5, 100, generator=gen) * 1000
     delta = net.perturbation(text, z, EPS)
     assert delta.shape == (5, 3, 24, 24) and delta.dtype == torch.float32
@@ -88,8 +110,8 @@ def test_generator_output_is_within_budget_for_any_input() -> None:
     assert delta.abs().max() > 0
 
 
-def test_same_text_and_code_give_the_same_noise(trained: Path) -> None:
-    loaded = load_generator(trained, clip_weights="random")
+def test_same_text_and_code_give_the_same_noise(trained_any: Path) -> None:
+    loaded = load_generator(trained_any, clip_weights="random")
     z = code_for("a photo of a cat.", 0, loaded.net.spec.z_dim)
     assert torch.equal(z, code_for("a photo of a cat.", 0, loaded.net.spec.z_dim))
     alone = noise_from_text(loaded, ["a photo of a cat."], z[None])
@@ -116,8 +138,12 @@ def test_training_lowers_the_surrogate_infonce(tmp_path: Path, clip) -> None:
     assert np.mean(summary.epoch_losses[-5:]) < np.mean(summary.epoch_losses[:5])
 
 
-def test_interrupted_training_resumes_to_the_same_generator(tmp_path: Path, clip) -> None:
-    pairs, config = tiny_pairs(16), tiny_config(epochs=3)
+@pytest.mark.parametrize("learner", ["frozen", "bilevel"])
+def test_interrupted_training_resumes_to_the_same_generator(tmp_path: Path, clip, learner: str) -> None:
+    """Also for the bi-level loop (with augmentation and caption codes), whose learner CLIP is
+    part of the checkpoint."""
+    extra = {"learner": learner, "augment": True, "codes": "caption", "learner_model": TINY_TEST_MODEL} if learner == "bilevel" else {}
+    pairs, config = tiny_pairs(16), tiny_config(epochs=3, **extra)
     whole = train_generator(pairs, config, tmp_path / "whole", clip=clip).generator
 
     def stop_after_first(epoch: int, loss: float) -> None:
@@ -134,7 +160,21 @@ def test_interrupted_training_resumes_to_the_same_generator(tmp_path: Path, clip
         assert torch.equal(value, load_file(str(summary.generator))[key]), key
     # another config in the same folder is refused, not silently mixed
     with pytest.raises(T2UEError, match="another training"):
-        train_generator(pairs, tiny_config(epochs=4), tmp_path / "resumed", clip=clip)
+        train_generator(pairs, tiny_config(epochs=4, **extra), tmp_path / "resumed", clip=clip)
+
+
+def test_unet_generator_saves_and_loads_in_the_same_format(tmp_path: Path, trained_unet: Path, clip) -> None:
+    loaded = load_generator(trained_unet, clip_weights="random")
+    assert loaded.net.spec.backbone == "unet" and loaded.description["format"] == "protect-t2ue-generator/1"
+    text = encode_captions(clip, ["a red car.", "a photo of a ship."], tokens=True)
+    assert text.tokens.shape[:2] == text.mask.shape and text.mask[:, 0].all() and not text.mask.all()
+    z = torch.randn(2, 100, generator=torch.Generator().manual_seed(0))
+    delta = loaded.net.perturbation(text, z, EPS)
+    assert delta.shape == (2, 3, 32, 32) and 0 < delta.abs().max() <= EPS + 1e-7
+    path = save_generator(tmp_path / "copy", loaded.net, EPS, text_fingerprint(clip), {})
+    assert torch.equal(load_generator(path, clip_weights="random").net.perturbation(text, z, EPS), delta)
+    with pytest.raises(T2UEError, match="unknown generator backbone 'vae'; available: ssa, unet"):
+        GeneratorSpec(32, 32, backbone="vae")
 
 
 def test_save_load_round_trip_and_wrong_text_encoder(tmp_path: Path, clip) -> None:
@@ -142,7 +182,7 @@ def test_save_load_round_trip_and_wrong_text_encoder(tmp_path: Path, clip) -> No
     path = save_generator(tmp_path / "g", net, EPS, text_fingerprint(clip), {"note": "test"})
     assert generator_paths(path) == (tmp_path / "g.safetensors", tmp_path / "g.yaml")
     loaded = load_generator(tmp_path / "g.yaml", clip_weights="random")
-    text, z = embed_texts(clip, ["a photo of a ship."]), torch.randn(1, 100, generator=torch.Generator().manual_seed(0))
+    text, z = encode_captions(clip, ["a photo of a ship."]), torch.randn(1, 100, generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded.net.perturbation(text, z, EPS), net.perturbation(text, z, EPS))
     assert loaded.eps == EPS and loaded.description["note"] == "test"
     tensors = load_file(str(path))
@@ -158,8 +198,9 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def test_noise_from_text_alone_then_added_to_an_image(tmp_path: Path, trained: Path, make_images) -> None:
+def test_noise_from_text_alone_then_added_to_an_image(tmp_path: Path, trained_any: Path, make_images) -> None:
     """`protect t2ue noise` reads no image; `apply` adds its output within the budget."""
+    trained = trained_any
     result = invoke("t2ue", "noise", "a photo of a cat.", "--generator", trained, "--clip-weights", "random",
                     "--size", "40x24", "--out", tmp_path / "noise.png")
     assert result.exit_code == 0, result.output
@@ -269,24 +310,72 @@ def test_train_command_on_a_labelled_folder(tmp_path: Path, make_images) -> None
     assert invoke("t2ue", "train", tmp_path / "labelled", tmp_path / "g2", "--set", "nope=1").exit_code == 2
 
 
-def test_contrastive_victim_reports_recall(make_images) -> None:
+def test_recall_at_k_on_a_toy_set_with_known_answers() -> None:
+    # 4 images, 3 distinct captions; image i's own caption is caption_of[i].
+    caption_of = torch.tensor([0, 1, 2, 2])
+    similarity = torch.tensor([
+        [0.9, 0.1, 0.0],  # image 0: own caption ranked 1st
+        [0.8, 0.5, 0.1],  # image 1: 2nd
+        [0.2, 0.6, 0.1],  # image 2: 3rd
+        [0.0, 0.1, 0.7],  # image 3: 1st
+    ])
+    recall = recall_at_k(similarity, caption_of, ks=(1, 2, 3))
+    assert [recall[f"image_to_text_r{k}"] for k in (1, 2, 3)] == pytest.approx([2 / 4, 3 / 4, 1.0])
+    # caption 0's nearest image is image 0 (its own); caption 1's is image 2, then its own image 1;
+    # caption 2's is image 3 (one of its two images).
+    assert [recall[f"text_to_image_r{k}"] for k in (1, 2, 3)] == pytest.approx([2 / 3, 1.0, 1.0])
+
+
+def test_attribute_captions_describe_class_colour_and_brightness() -> None:
+    images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    images[0, 0] = 200  # red everywhere, mid brightness
+    images[1] = 250  # white, bright
+    images[1, :, 8:24, 8:24] = torch.tensor([20, 40, 200], dtype=torch.uint8)[:, None, None]  # a blue centre
+    images[2] = 10  # black, dark
+    captions = attribute_captions(images, torch.tensor([0, 1, 2]), ["fire_truck", "ship", "cat"])
+    assert captions == ["a dark photo of a red fire truck on a red background.",
+                        "a bright photo of a blue ship on a white background.",
+                        "a dark photo of a black cat on a black background."]
+
+
+def test_contrastive_victim_reports_zero_shot_and_recall() -> None:
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (24, 3, 32, 32), generator=gen, dtype=torch.uint8)
     labels = torch.arange(24) % 3
-    captions = class_caption_list(labels, ["cat", "dog", "car"])
-    result = contrastive_cell("clip-tiny", images, captions, images[:12], captions[:12], epochs=2, seed=0)
+    captions = [f"a photo of a {c} number {i % 5}." for i, c in enumerate(class_caption_list(labels, ["cat", "dog", "car"]))]
+    held_out = HeldOutPairs(images[:12], captions[:12], labels[:12], ["cat", "dog", "car"])
+    result = contrastive_cell("clip-tiny", images, captions, held_out, epochs=2, seed=0)
     recall = result["recall"]
     assert set(recall) == {f"{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in RECALL_AT}
     for direction in ("image_to_text", "text_to_image"):
         values = [recall[f"{direction}_r{k}"] for k in RECALL_AT]
         assert all(0 <= v <= 1 for v in values) and values == sorted(values)
-    assert recall["image_to_text_r5"] == 1.0  # 3 distinct captions: every image's is in the top 5
-    assert len(result["test_accuracy"]) == 2 and result["final"] == recall["image_to_text_r1"]
+    assert result["distinct_test_captions"] == 12
+    assert len(result["test_accuracy"]) == 2 and 0 <= result["final"] <= 1
 
-    data = ImageSet(images, labels, ["cat", "dog", "car"], [f"{i}.png" for i in range(24)])
-    verify_data = VerifyData(data, data, data, data, {}, EPS)
-    cell = Cell("clip-tiny", "none", (), "protected", 1, 0)
+
+def test_per_image_captions_flow_from_a_file_into_verify(tmp_path: Path, make_images) -> None:
+    """Captions of a CSV (train) and a JSONL (test) reach the contrastive victim's training and
+    its held-out scoring; an image without a caption is named."""
+    clean, test, protected = tmp_path / "clean", tmp_path / "test", tmp_path / "protected"
+    train_paths = [p.relative_to(clean).as_posix() for p in make_images("clean", per_class=6)]
+    test_paths = [p.relative_to(test).as_posix() for p in make_images("test", per_class=3, seed=5)]
+    shutil.copytree(clean, protected)
+    (tmp_path / "train.csv").write_text("image,caption\n" + "".join(f"{p},picture {i} of {p.split('/')[0]}\n" for i, p in enumerate(train_paths)))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"image": p, "caption": f"held out {i}"}) + "\n" for i, p in enumerate(test_paths)))
+    data = load_verify_data(protected, clean, test, captions=tmp_path / "train.csv", test_captions=tmp_path / "test.jsonl")
+    captions, held_out = data.contrastive_pairs()
+    assert captions[train_paths[3]] == f"picture 3 of {train_paths[3].split('/')[0]}"
+    assert held_out.captions == [f"held out {test_paths.index(p)}" for p in data.test.paths]
+    assert data.captions_source == "train.csv + test.jsonl"
     from protect.progress import NullReporter
 
-    out = run_cell(cell, verify_data, device=torch.device("cpu"), reporter=NullReporter())
-    assert "recall" in out and out["train_images"] == 24
+    out = run_cell(Cell("clip-tiny", "none", (), "protected", 1, 0), data, device=torch.device("cpu"), reporter=NullReporter())
+    assert out["distinct_test_captions"] == len(test_paths) and out["captions"] == "train.csv + test.jsonl"
+    assert set(out["recall"]) == {f"{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in RECALL_AT}
+
+    default = load_verify_data(protected, clean, test)
+    assert default.captions_source == "attributes" and default.contrastive_pairs()[0][train_paths[0]].startswith("a ")
+    (tmp_path / "short.csv").write_text("image,caption\n" + f"{train_paths[0]},only one\n")
+    with pytest.raises(ValueError, match=f"short.csv has no caption for {train_paths[1]}"):
+        load_verify_data(protected, clean, test, captions=tmp_path / "short.csv")

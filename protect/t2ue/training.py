@@ -1,9 +1,23 @@
-"""Training a T2UE generator against a frozen CLIP surrogate.
+"""Training a T2UE generator: error-minimising noise for contrastive learning.
 
-G minimises the InfoNCE (CLIP) loss between f_I(x + G(f_T(t), z)) and f_T(t) (error-minimising
-noise for contrastive learning), with Adam (decoupled weight decay), lr 1e-4 and a cosine
-schedule. Training checkpoints (``checkpoint.safetensors`` + ``checkpoint.json``) are written
-atomically after every epoch, so an interrupted training resumes where it stopped.
+G minimises an InfoNCE (CLIP) loss between images carrying its noise, x + G(t, z), and their
+captions t, with Adam (decoupled weight decay) and a cosine schedule. Whose loss (``learner``):
+
+- ``frozen`` (the paper, Ma et al. arXiv:2508.03091 Sec. 3.3): a frozen CLIP surrogate's,
+  InfoNCE(f_I(x + G(t, z)), f_T(t));
+- ``bilevel`` (min-min, as error-minimising noise is made for classifiers: Huang et al., ICLR
+  2021): a CLIP trained from scratch on the noisy pairs in turn with G (``learner_steps``
+  updates of it, then one of G), so the noise is what a model trained on the protected pairs
+  finds easiest to learn; the surrogate's text encoder still conditions G;
+- ``frozen+bilevel``: the sum of both.
+
+``augment`` applies a victim's augmentation (random crop with 4 px reflect padding scaled to the
+size, horizontal flip) to the noisy images before they are encoded, so the noise survives it.
+``codes``: ``random`` draws z ~ N(0, I) at every step (the paper); ``caption`` uses each
+caption's own code, the one class-wise protection gives it.
+
+Training checkpoints (``checkpoint.safetensors`` + ``checkpoint.json``) are written atomically
+after every epoch, so an interrupted training resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -11,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +42,22 @@ from protect.precision import autocast, check_precision
 from protect.progress import NullReporter, Reporter
 from protect.t2ue.data import CLIP_TEMPLATES, TextImagePairs
 from protect.t2ue.network import (
+    BACKBONES,
     GeneratorSpec,
+    NoiseGenerator,
     T2UEError,
-    TextToNoiseGenerator,
+    TextCondition,
     build_generator,
-    embed_texts,
+    code_for,
+    encode_captions,
     save_generator,
     text_fingerprint,
 )
 from protect.training_state import CheckpointError, load_training_state, save_training_state
+
+LEARNERS = ("frozen", "bilevel", "frozen+bilevel")
+CODES = ("random", "caption")
+
 
 @dataclass
 class T2UETrainConfig:
@@ -48,6 +70,9 @@ class T2UETrainConfig:
     cosine from lr to min_lr over all steps. templates: caption templates for labelled folders.
     bn_batches: batches used after training to recompute the batch-norm statistics used at
     protection time. precision: auto (bf16 autocast where the hardware runs it fast, see protect.precision), bf16 or fp32.
+    backbone: ``ssa`` (the paper's) or ``unet`` (diffusers' conditional UNet). learner,
+    learner_model, learner_steps, learner_lr, augment, codes: see the module docstring
+    (learner_model: open_clip name of the learner CLIP, empty = ``clip_model``).
     """
 
     eps: float = 8 / 255
@@ -65,6 +90,13 @@ class T2UETrainConfig:
     templates: list[str] = field(default_factory=lambda: list(CLIP_TEMPLATES))
     bn_batches: int = 20
     precision: str = "auto"
+    backbone: str = "ssa"
+    learner: str = "frozen"
+    learner_model: str = ""
+    learner_steps: int = 1
+    learner_lr: float = 5e-4
+    augment: bool = False
+    codes: str = "random"
 
     def validate(self) -> None:
         check_eps(self.eps)
@@ -77,6 +109,12 @@ class T2UETrainConfig:
         if not self.templates or not all(isinstance(t, str) and "{}" in t for t in self.templates):
             raise ValueError("templates must be a non-empty list of strings, each with {} for the class name")
         check_precision(self.precision)
+        for key, value, choices in (("backbone", self.backbone, BACKBONES), ("learner", self.learner, LEARNERS),
+                                    ("codes", self.codes, CODES)):
+            if value not in choices:
+                raise ValueError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        if self.learner_steps < 1 or self.learner_lr <= 0:
+            raise ValueError("learner_steps must be >= 1 and learner_lr positive")
 
 
 def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -84,6 +122,55 @@ def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     from open_clip.loss import ClipLoss
 
     return ClipLoss()(F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1), logit_scale)
+
+
+def shift_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A victim's augmentation on a batch, independently per image: reflect-pad by 1/8 of the
+    size (4 px at 32), crop back at a random offset, and flip half of them horizontally.
+    Differentiable in ``images`` (float (N, C, R, R))."""
+    n, _, h, w = images.shape
+    pad = max(1, h // 8)
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device)[None]).view(n, 1, h, 1)
+    cols = (dx[:, None] + torch.arange(w, device=images.device)[None]).view(n, 1, 1, w)
+    c = images.shape[1]
+    cropped = padded.gather(2, rows.expand(n, c, h, w + 2 * pad)).gather(3, cols.expand(n, c, h, w))
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped)
+
+
+class Learner:
+    """The CLIP of the bi-level loop: trained from scratch (seeded) on the noisy pairs with
+    open_clip's recipe (AdamW, betas 0.9/0.98, eps 1e-6, weight decay 0.2 on matrices, logit
+    scale clamped at 100)."""
+
+    def __init__(self, model_name: str, texts: list[str], lr: float, seed: int, device: torch.device) -> None:
+        self.clip = load_clip(model_name, weights="random", seed=seed, device=device)
+        self.clip.model.requires_grad_(True)
+        self.tokens = self.clip.tokenizer(texts)
+        params = list(self.clip.model.parameters())
+        self.param_groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.2, "lr": lr, "betas": (0.9, 0.98), "eps": 1e-6},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr, "betas": (0.9, 0.98), "eps": 1e-6},
+        ]
+
+    def loss(self, images: torch.Tensor, caption_index: torch.Tensor, precision: str, *, text_grad: bool) -> torch.Tensor:
+        """Its InfoNCE on (images, captions ``caption_index`` into the training texts); each
+        distinct caption of the batch is encoded once."""
+        model = self.clip.model
+        device = images.device
+        distinct, inverse = caption_index.unique(return_inverse=True)
+        with autocast(device, precision):
+            image_features = self.clip.encode_image(images)
+            with torch.set_grad_enabled(text_grad):
+                text_features = model.encode_text(self.tokens[distinct].to(device))
+        return infonce_loss(image_features, text_features[inverse.to(device)], model.logit_scale.exp())
+
+    @torch.no_grad()
+    def clamp_scale(self) -> None:
+        self.clip.model.logit_scale.clamp_(0, math.log(100))
 
 
 CHECKPOINT = "checkpoint"  # checkpoint.safetensors + checkpoint.json (protect.training_state)
@@ -118,12 +205,13 @@ def train_generator(
     clip: ClipEncoders | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainSummary:
-    """Train G to minimise InfoNCE(f_I(x + G(f_T(t), z)), f_T(t)) against a frozen CLIP, then
-    write ``out_dir/generator.safetensors`` and ``generator.yaml``.
+    """Train G to minimise the InfoNCE loss of ``config.learner`` on the noisy pairs (see the
+    module docstring), then write ``out_dir/generator.safetensors`` and ``generator.yaml``.
 
     pairs: uint8 images (N, 3, R, R) at ``config.resolution`` with their captions. An earlier,
     interrupted training with the same data, config and seed in ``out_dir`` is resumed from its
-    last finished epoch. ``clip`` (optional) is the already loaded surrogate.
+    last finished epoch. ``clip`` (optional) is the already loaded surrogate, whose text encoder
+    conditions G.
     """
     reporter = reporter or NullReporter()
     device = torch.device(device)
@@ -136,17 +224,26 @@ def train_generator(
     if clip.weights == "random":
         reporter.message("t2ue: the CLIP surrogate is randomly initialised (clip_weights=random): for tests only", "warning")
     with reporter.phase("t2ue: embedding captions", total=None):
-        text_features = embed_texts(clip, pairs.texts)
-    spec = GeneratorSpec(config.resolution, text_features.shape[1], config.z_dim, config.width, config.clip_model, config.clip_pretrained)
+        texts = encode_captions(clip, pairs.texts, tokens=config.backbone == "unet")
+    spec = GeneratorSpec(config.resolution, texts.pooled.shape[1], config.z_dim, config.width, config.clip_model,
+                         config.clip_pretrained, config.backbone)
     net = build_generator(spec, seed).to(device).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    learner = None
+    if config.learner != "frozen":
+        learner = Learner(config.learner_model or config.clip_model, pairs.texts, config.learner_lr, seed + 1, device)
+    trained = nn.ModuleDict({"generator": net, **({"learner": learner.clip.model} if learner else {})})
+    optimizer = torch.optim.AdamW(
+        [{"params": list(net.parameters()), "lr": config.lr, "weight_decay": config.weight_decay},
+         *(learner.param_groups if learner else [])],
+    )
     steps_per_epoch = -(-len(pairs) // config.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs * steps_per_epoch, eta_min=config.min_lr)
     rng = torch.Generator().manual_seed(seed)
     identity = {"config": dataclasses.asdict(config), "seed": seed, "data": _data_fingerprint(pairs)}
     meta: dict[str, Any] = {"identity": identity, "epoch": 0, "step": 0, "epoch_losses": [], "seconds": 0.0}
-    start_epoch = _resume(out_dir, net, optimizer, schedule, rng, meta, reporter)
-    logit_scale = clip.model.logit_scale.exp().detach().clamp(max=100).float()
+    start_epoch = _resume(out_dir, trained, optimizer, schedule, rng, meta, reporter)
+    codes = torch.stack([code_for(text, seed, config.z_dim) for text in pairs.texts]) if config.codes == "caption" else None
+    step = _Step(net, clip, learner, pairs, texts, codes, config, optimizer, rng, device)
     started = time.perf_counter() - meta["seconds"]
     with reporter.phase("t2ue: training the generator", total=config.epochs) as phase:
         phase.advance(start_epoch)
@@ -155,18 +252,18 @@ def train_generator(
             for idx in torch.randperm(len(pairs), generator=rng).split(config.batch_size):
                 if len(idx) < 2:
                     continue  # InfoNCE needs at least one negative
-                loss = _train_step(net, clip, pairs, text_features, idx, rng, config, logit_scale, optimizer, device)
+                loss = step(idx)
                 schedule.step()
                 total, count = total + loss * len(idx), count + len(idx)
                 meta["step"] += 1
             meta["epoch_losses"].append(total / max(count, 1))
             meta["epoch"], meta["seconds"] = epoch + 1, time.perf_counter() - started
-            save_training_state(out_dir / CHECKPOINT, net, optimizer, schedule, rng, meta)
+            save_training_state(out_dir / CHECKPOINT, trained, optimizer, schedule, rng, meta)
             if on_epoch is not None:
                 on_epoch(epoch, meta["epoch_losses"][-1])
             phase.describe(f"t2ue: training the generator, InfoNCE {meta['epoch_losses'][-1]:.4f}")
             phase.advance()
-    _recompute_batch_norm(net, pairs, text_features, rng, config, device)
+    _recompute_batch_norm(step)
     facts = {
         "trained_on": {"source": pairs.source, "pairs": len(pairs), "captions": len(pairs.texts), "data": identity["data"]},
         "training": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("clip_weights",)},
@@ -196,51 +293,83 @@ def _resume(
     return int(saved["epoch"])
 
 
-def _draw(pairs: TextImagePairs, idx: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """One caption per image of the batch, chosen among its options."""
-    column = torch.randint(0, pairs.options.shape[1], (len(idx),), generator=rng)
-    return pairs.options[idx, column]
+class _Step:
+    """One training step on a batch: the learner's updates (bi-level), then G's."""
 
+    def __init__(
+        self, net: NoiseGenerator, clip: ClipEncoders, learner: Learner | None, pairs: TextImagePairs, texts: TextCondition,
+        codes: torch.Tensor | None, config: T2UETrainConfig, optimizer: torch.optim.Optimizer, rng: torch.Generator,
+        device: torch.device,
+    ) -> None:
+        self.net, self.clip, self.learner, self.pairs, self.texts, self.codes = net, clip, learner, pairs, texts, codes
+        self.config, self.optimizer, self.rng, self.device = config, optimizer, rng, device
+        self.logit_scale = clip.model.logit_scale.exp().detach().clamp(max=100).float().to(device)
 
-def _train_step(
-    net: TextToNoiseGenerator, clip: ClipEncoders, pairs: TextImagePairs, text_features: torch.Tensor, idx: torch.Tensor,
-    rng: torch.Generator, config: T2UETrainConfig, logit_scale: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device,
-) -> float:
-    texts = text_features[_draw(pairs, idx, rng)].to(device)
-    z = torch.randn((len(idx), config.z_dim), generator=rng).to(device)
-    clean = pairs.images[idx].to(device).float().div(255)
-    with autocast(device, config.precision):
-        delta = net.perturbation(texts, z, config.eps)
-        image_features = clip.encode_image((clean + delta).clamp(0, 1))
-    loss = infonce_loss(image_features, texts, logit_scale.to(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+    def draw(self, idx: torch.Tensor) -> tuple[torch.Tensor, TextCondition, torch.Tensor]:
+        """Each image's caption (one of its options: an index into ``pairs.texts``), its encoding and its code."""
+        column = torch.randint(0, self.pairs.options.shape[1], (len(idx),), generator=self.rng)
+        caption = self.pairs.options[idx, column]
+        z = self.codes[caption] if self.codes is not None else torch.randn((len(idx), self.config.z_dim), generator=self.rng)
+        return caption, self.texts[caption].to(self.device), z.to(self.device)
+
+    def noisy(self, clean: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        x = (clean + delta).clamp(0, 1)
+        return shift_flip(x, self.rng) if self.config.augment else x
+
+    def __call__(self, idx: torch.Tensor) -> float:
+        config, learner = self.config, self.learner
+        caption, text, z = self.draw(idx)
+        clean = self.pairs.images[idx].to(self.device).float().div(255)
+        if learner is not None:
+            learner.clip.model.train()
+            with torch.no_grad(), autocast(self.device, config.precision):
+                delta = self.net.perturbation(text, z, config.eps)
+            for _ in range(config.learner_steps):
+                loss = learner.loss(self.noisy(clean, delta), caption, config.precision, text_grad=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                learner.clamp_scale()
+        with autocast(self.device, config.precision):
+            delta = self.net.perturbation(text, z, config.eps)
+        x = self.noisy(clean, delta)
+        loss = torch.zeros((), device=self.device)
+        if config.learner != "bilevel":
+            with autocast(self.device, config.precision):
+                image_features = self.clip.encode_image(x)
+            loss = loss + infonce_loss(image_features, text.pooled, self.logit_scale)
+        if learner is not None:
+            learner.clip.model.eval()
+            loss = loss + learner.loss(x, caption, config.precision, text_grad=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if learner is not None:  # only G moves in this half of the step
+            for param in learner.clip.model.parameters():
+                param.grad = None
+        self.optimizer.step()
+        return float(loss.detach())
 
 
 @torch.no_grad()
-def _recompute_batch_norm(
-    net: TextToNoiseGenerator, pairs: TextImagePairs, text_features: torch.Tensor, rng: torch.Generator,
-    config: T2UETrainConfig, device: torch.device,
-) -> None:
+def _recompute_batch_norm(step: _Step) -> None:
     """Replace the running batch-norm statistics by exact averages over ``bn_batches`` training
     batches of the final weights: protection runs in eval mode (one caption at a time gives the
     same noise as in a batch), and the moving averages lag behind the weights they were
     collected under."""
-    if config.bn_batches == 0:
-        return
+    net, config = step.net, step.config
     norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    if config.bn_batches == 0 or not norms:
+        return
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average
     net.train()
-    order = torch.randperm(len(pairs), generator=rng)
+    order = torch.randperm(len(step.pairs), generator=step.rng)
     for batch, idx in enumerate(order.split(config.batch_size)):
         if batch >= config.bn_batches:
             break
-        z = torch.randn((len(idx), config.z_dim), generator=rng).to(device)
-        net(text_features[_draw(pairs, idx, rng)].to(device), z)
+        _, text, z = step.draw(idx)
+        net(text, z)
     for norm in norms:
         norm.momentum = 0.1
     net.eval()
@@ -248,25 +377,25 @@ def _recompute_batch_norm(
 
 @torch.no_grad()
 def infonce_of(
-    generator: TextToNoiseGenerator, clip: ClipEncoders, pairs: TextImagePairs, eps: float, *, seed: int = 0, batch_size: int = 128,
+    generator: NoiseGenerator, clip: ClipEncoders, pairs: TextImagePairs, eps: float, *, seed: int = 0, batch_size: int = 128,
     with_noise: bool = True,
 ) -> float:
     """Mean InfoNCE of the surrogate on ``pairs`` (first caption option of each image), with the
     generator's noise (eval mode) or without (``with_noise=False``): how well the noise makes
     image and text agree."""
     rng = torch.Generator().manual_seed(seed)
-    features = embed_texts(clip, pairs.texts)
+    texts = encode_captions(clip, pairs.texts, tokens=generator.uses_tokens)
     device = next(generator.parameters()).device
     logit_scale = clip.model.logit_scale.exp().clamp(max=100).float()
     total, count = 0.0, 0
     for idx in torch.randperm(len(pairs), generator=rng).split(batch_size):
         if len(idx) < 2:
             continue
-        texts = features[pairs.options[idx, 0]].to(device)
+        text = texts[pairs.options[idx, 0]].to(device)
         x = pairs.images[idx].to(device).float().div(255)
         if with_noise:
             z = torch.randn((len(idx), generator.spec.z_dim), generator=rng).to(device)
-            x = (x + generator.eval().perturbation(texts, z, eps)).clamp(0, 1)
-        total += float(infonce_loss(clip.encode_image(x), texts, logit_scale)) * len(idx)
+            x = (x + generator.eval().perturbation(text, z, eps)).clamp(0, 1)
+        total += float(infonce_loss(clip.encode_image(x), text.pooled, logit_scale)) * len(idx)
         count += len(idx)
     return total / max(count, 1)
