@@ -74,14 +74,15 @@ def render() -> str:
 @dataclass(frozen=True)
 class Headline:
     """One row of the README's methods table: the method, what it does, and the stored table cell
-    (table name, the row's first cell, the column name) its headline number comes from. A
-    footnote says what differs from the method's defaults in that measurement."""
+    (table name, the row's first cell, the column name) its headline number comes from; no
+    table for a method that has not been measured on a protocol yet. A footnote says what
+    differs from the method's defaults in that measurement."""
 
     method: str
     what: str
-    table: str
-    row: str
-    column: str
+    table: str | None
+    row: str = ""
+    column: str = ""
     footnote: str = ""
 
 
@@ -100,6 +101,9 @@ README_METHODS = [
     Headline("t2ue", "noise from each image's caption alone, by a trained text-to-noise generator (Ma et al., 2025)",
              "p0-t2ue", "t2ue class-wise", "small CNN acc %",
              "Class-wise, from template captions, with a small CLIP trained from scratch as the surrogate."),
+    Headline("em-robust", "robust error-minimising noise, one per image, optimised through adversarial training and "
+             "JPEG/grayscale/augmentation (Fu et al., ICLR 2022, with EOT)", None),
+    Headline("em-robust-classwise", "robust error-minimising noise, one per class (as em-robust)", None),
 ]
 # The reference the headline numbers are read against: a victim trained on the clean images.
 CLEAN_REFERENCE = Headline("clean", "", "p0", "clean", "small CNN test acc % (final)")
@@ -136,8 +140,11 @@ def render_methods_table() -> str:
         if headline.footnote:
             mark = SUPERSCRIPTS[len(footnotes)]
             footnotes.append(f"{mark} {headline.footnote}")
-        protocol = tables[headline.table]["protocol"]
-        link = f"[{_cell(tables, headline)} on {protocol}](docs/results.md#{headline.table}){mark}"
+        if headline.table is None:
+            link = "not measured yet"
+        else:
+            protocol = tables[headline.table]["protocol"]
+            link = f"[{_cell(tables, headline)} on {protocol}](docs/results.md#{headline.table}){mark}"
         lines.append(f"| [`{headline.method}`](docs/methods/{headline.method}.md) | {headline.what} | {link} |")
     clean = tables[CLEAN_REFERENCE.table]
     lines += ["", f"Victim accuracy: the clean-test accuracy of a victim trained on the protected copy, from the "
