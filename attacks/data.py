@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from protect.images import load_image, scan_folder
+from protect.scale import median_shorter_side
 
 
 @dataclass
@@ -51,6 +52,29 @@ def load_image_folder(
         labels.append(index[entry.label])
         paths.append(str(entry.relpath))
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(class_names), paths)
+
+
+#: the sizes victims train at by default, for thumbnails, small photos and photos
+VICTIM_SIZES = (32, 64, 112)
+
+
+def victim_size(root: Path | str, sample: int = 64) -> tuple[int, int]:
+    """(the size victims train at by default, the median shorter side it was chosen from) for the
+    images under ``root``, from the headers of up to ``sample`` images spread over the folder:
+    32 px below 64 px (thumbnails, trained at about their own size), 64 px below 112 px, and
+    112 px for photos (half the ImageNet 224 px, a quarter of its cost; ``--size 224`` trains
+    at ImageNet's)."""
+    entries = scan_folder(Path(root)).entries
+    if not entries:
+        raise ValueError(f"{root}: no images")
+    step = max(1, len(entries) // sample)
+    sizes = []
+    for entry in entries[::step][:sample]:
+        with Image.open(entry.path) as image:
+            sizes.append(image.size)
+    side = median_shorter_side(sizes) or 0
+    size = VICTIM_SIZES[0] if side < 64 else VICTIM_SIZES[1] if side < 112 else VICTIM_SIZES[2]
+    return size, side
 
 
 def _read_manifest_pairs(protected_dir: Path) -> list[tuple[str, str]] | None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from attacks.train import augmentation_for
 from attacks.verify import DATA_KINDS, VerifyData
 
 WEAK_BASELINE_MARGIN = 0.20  # clean accuracy must beat chance by this much to mean anything
@@ -178,6 +179,7 @@ def _markdown(
         f"- Image quality: mean PSNR {summary.get('mean_psnr_db', '–')} dB, mean SSIM {summary.get('mean_ssim', '–')}",
         f"- Clean training set: `{meta['clean_train']}`; test set: `{meta['test']}` ({len(data.test)} images)",
         f"- Labels used by the victims: {meta.get('labelling', 'the clean folders’ class names')}",
+        f"- Victims trained at: {_size_text(meta.get('size'))}",
         "",
         "## Clean test accuracy of victims (%)",
         f"Chance (always answering the most frequent test label) is {chance:.1f}%. Control = the same images with uniform random noise of the same budget. "
@@ -224,6 +226,12 @@ def _markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _size_text(size: dict[str, Any] | None) -> str:
+    if not size:
+        return "unrecorded"
+    return f"{size['value']} x {size['value']} px ({size['how']}), training augmentation {augmentation_for(size['value'])}"
 
 
 def _precision_text(results: list[dict[str, Any]]) -> str:
