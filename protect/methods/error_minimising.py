@@ -191,24 +191,32 @@ def _class_noise_batch(facts: FolderFacts, config: dict[str, Any]) -> int:
     return int(clamp(facts.images // 10, 8, PAPER_BATCH))
 
 
-def _class_noise_step(facts: FolderFacts, config: dict[str, Any]) -> float:
-    # Fewer images, fewer batches per pass: larger steps (up to eps/4) so that the noise still
-    # crosses the budget in a few passes; 0.8/255 with the paper's batches.
-    return clamp(PAPER_STEP * (PAPER_BATCH / config["batch_size"]) ** 0.5, PAPER_STEP, config["eps"] / 4)
+def class_noise_rules(base_step: float, whose: str) -> tuple[AutoSetting, ...]:
+    """The rules of class noise whose step at batch 512 is ``base_step`` (``whose``: where that
+    value comes from): the working resolution, a batch of about a tenth of the images, and a
+    step that grows as the batches shrink."""
+
+    def step(facts: FolderFacts, config: dict[str, Any]) -> float:
+        # Fewer images, fewer batches per pass: larger steps (up to eps/4) so that the noise still
+        # crosses the budget in a few passes; ``base_step`` with batches of 512.
+        return clamp(base_step * (PAPER_BATCH / config["batch_size"]) ** 0.5, base_step, config["eps"] / 4)
+
+    base = f"{base_step * 255:.3g}/255"
+    return (
+        RESOLUTION_RULE,
+        AutoSetting("batch_size", "images / 10, between 8 and 512 (the paper's 512 from 5,120 images on)", _class_noise_batch),
+        AutoSetting(
+            "step_size", f"{base} x sqrt(512 / batch_size), between {base} ({whose}, at batch 512) and eps/4",
+            step, levels=True,
+        ),
+    )
 
 
 RESOLUTION_RULE = AutoSetting(
     "resolution", f"{PHOTO_RESOLUTION} px for photos (median shorter side {PHOTO_SIDE} px or more), else 32 px (CIFAR-sized)",
     _resolution, from_size=True,
 )
-CLASS_NOISE_RULES = (
-    RESOLUTION_RULE,
-    AutoSetting("batch_size", "images / 10, between 8 and 512 (the paper's 512 from 5,120 images on)", _class_noise_batch),
-    AutoSetting(
-        "step_size", "0.8/255 x sqrt(512 / batch_size), between 0.8/255 (the paper's, at batch 512) and eps/4",
-        _class_noise_step, levels=True,
-    ),
-)
+CLASS_NOISE_RULES = class_noise_rules(PAPER_STEP, "the paper's")
 
 
 class _MinMin(StoredNoiseGenerator):
