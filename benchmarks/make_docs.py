@@ -74,14 +74,15 @@ def render() -> str:
 @dataclass(frozen=True)
 class Headline:
     """One row of the README's methods table: the method, what it does, and the stored table cell
-    (table name, the row's first cell, the column name) its headline number comes from. A
-    footnote says what differs from the method's defaults in that measurement."""
+    (table name, the row's first cell, the column name) its headline number comes from; no
+    table for a method without a stored measurement yet. A footnote says what differs from the
+    method's defaults in that measurement."""
 
     method: str
     what: str
-    table: str
-    row: str
-    column: str
+    table: str | None
+    row: str = ""
+    column: str = ""
     footnote: str = ""
 
 
@@ -92,6 +93,10 @@ README_METHODS = [
              "p0", "em-samplewise", "small CNN test acc % (final)"),
     Headline("em-classwise", "error-minimising noise, one per class (Huang et al., ICLR 2021)",
              "p0", "em-classwise", "small CNN test acc % (final)"),
+    Headline("em-robust", "robust error-minimising noise with expectation over transformations, one per image "
+             "(Fu et al., ICLR 2022)", None),
+    Headline("em-robust-classwise", "robust error-minimising noise with expectation over transformations, one per class "
+             "(Fu et al., ICLR 2022)", None),
     Headline("bayes", "Bayes-error maximisation, one noise per image, for data that will be mixed with clean data "
              "(Zhang et al., AAAI 2026)", "p0-mix-bayes", "0", "bayes"),
     Headline("clusters", "Unlearnable Clusters: one perturbation per k-means cluster of CLIP features; no labels "
@@ -136,6 +141,9 @@ def render_methods_table() -> str:
         if headline.footnote:
             mark = SUPERSCRIPTS[len(footnotes)]
             footnotes.append(f"{mark} {headline.footnote}")
+        if headline.table is None:
+            lines.append(f"| [`{headline.method}`](docs/methods/{headline.method}.md) | {headline.what} | not measured yet{mark} |")
+            continue
         protocol = tables[headline.table]["protocol"]
         link = f"[{_cell(tables, headline)} on {protocol}](docs/results.md#{headline.table}){mark}"
         lines.append(f"| [`{headline.method}`](docs/methods/{headline.method}.md) | {headline.what} | {link} |")
