@@ -37,7 +37,9 @@ def verify(
     clean_train: Path = typer.Option(..., "--clean-train", help="The clean originals (ImageFolder: one subfolder per class)."),
     test: Path = typer.Option(..., "--test", help="Clean test set (ImageFolder), disjoint from the training data."),
     preset: str = typer.Option("quick", "--preset", help="quick (minutes on a CPU) or standard (protocol P0)."),
-    victims: Optional[str] = typer.Option(None, "--victims", help="Comma list: small-cnn, resnet18, vgg11, vit-small; clip-tiny, clip-small (contrastive: a CLIP trained on each image's caption)."),
+    victims: Optional[str] = typer.Option(None, "--victims", help="Comma list: small-cnn, resnet18, vgg11, vit-small, "
+                                          "resnet18-imagenet (torchvision's, for photos at 112/224 px); clip-tiny, clip-small "
+                                          "(contrastive: a CLIP trained on each image's caption)."),
     countermeasures: Optional[str] = typer.Option(
         None, "--countermeasures",
         help="Comma list: none, jpeg, grayscale, bit-depth, blur, cutout, mixup, cutmix, adv-training, ueraser-lite, mix, "
@@ -46,7 +48,11 @@ def verify(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs per victim (default: the preset's)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Number of seeds per cell (default: the preset's)."),
     mix: float = typer.Option(0.5, "--mix", help="For the `mix` countermeasure: fraction of the training set that is clean."),
-    resolution: int = typer.Option(32, "--resolution", help="Victims train at this square size (pixels)."),
+    size: Optional[int] = typer.Option(
+        None, "--size", "--resolution", help="Victims train at this square size in pixels (default: from the clean images' "
+        "median shorter side: 32 below 64 px, 64 below 112 px, else 112; --size 224 trains at ImageNet's size, 4x the cost). "
+        "At 64 px and more victims train with random-resized crops and flips.",
+    ),
     report_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: PROTECTED-verify beside it). "
                                               "Finished cells there are reused, and an interrupted training "
                                               "run resumes after its last finished epoch."),
@@ -87,7 +93,7 @@ def verify(
                          epochs=epochs, seeds=seeds, clean_fraction=mix, relabel=relabel, variants=variants)
         if report_dir.resolve().is_relative_to(protected.resolve()):
             raise VerifyError("--out must not be inside the protected folder")
-        data = load_verify_data(protected, clean_train, test, resolution=resolution, relabel=plan.relabel,
+        data = load_verify_data(protected, clean_train, test, resolution=size, relabel=plan.relabel,
                                 captions=captions, test_captions=test_captions)
     except (VerifyError, PurifierError) as exc:
         raise fail(str(exc)) from None
@@ -114,7 +120,7 @@ def verify(
         "protected": str(protected), "clean_train": str(clean_train), "test": str(test), "preset": preset,
         "plan": {"victims": plan.victims, "countermeasures": plan.countermeasures, "epochs": plan.epochs,
                  "seeds": plan.seeds, "per_class": plan.per_class},
-        "relabel": plan.relabel or "true", "labelling": data.labelling,
+        "relabel": plan.relabel or "true", "labelling": data.labelling, "size": data.size,
         **({"captions": data.captions_source} if any(v in CONTRASTIVE_VICTIMS for v in plan.victims) else {}),
         "device": str(torch_device), "seconds": time.perf_counter() - started,
         "peak_memory_mib": largest_peak_memory(results, peak_memory_mib(torch_device)),

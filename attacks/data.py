@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from protect.images import ImageReadError, load_image, scan_folder
+from protect.images import ImageReadError, load_image, read_file, scan_folder
 from protect.runner.formats import unsafe_member_reason
+from protect.scale import median_shorter_side
 
 
 @dataclass
@@ -60,6 +62,36 @@ def load_image_folder(
         labels.append(index[entry.label])
         paths.append(str(entry.relpath))
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), list(class_names), paths)
+
+
+#: the sizes victims train at by default, for thumbnails, small photos and photos
+VICTIM_SIZES = (32, 64, 112)
+
+
+def victim_size(root: Path | str, sample: int = 64) -> tuple[int, int]:
+    """(the size victims train at by default, the median shorter side it was chosen from) for the
+    images under ``root``, from the headers of up to ``sample`` images spread over the folder:
+    32 px below 64 px (thumbnails, trained at about their own size), 64 px below 112 px, and
+    112 px for photos (half the ImageNet 224 px, a quarter of its cost; ``--size 224`` trains
+    at ImageNet's)."""
+    # Links are followed as the rest of verification follows them; files are read through
+    # protect.images' bounded reader (no FIFO, no file over the byte limit), headers only decoded.
+    entries = [entry for entry in scan_folder(Path(root), allow_outside=True).entries if entry.problem is None]
+    if not entries:
+        raise ValueError(f"{root}: no images")
+    step = max(1, len(entries) // sample)
+    sizes = []
+    for entry in entries[::step][:sample]:
+        try:
+            with Image.open(io.BytesIO(read_file(entry.path))) as image:
+                sizes.append(image.size)
+        except (ImageReadError, OSError, ValueError, Image.DecompressionBombError):
+            continue  # unreadable here: the size comes from the others
+    if not sizes:
+        raise ValueError(f"{root}: no readable images to choose the victims' size from")
+    side = median_shorter_side(sizes) or 0
+    size = VICTIM_SIZES[0] if side < 64 else VICTIM_SIZES[1] if side < 112 else VICTIM_SIZES[2]
+    return size, side
 
 
 def _read_manifest_pairs(protected_dir: Path) -> list[tuple[str, str]] | None:

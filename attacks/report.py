@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from attacks.countermeasures import label, row_name
+from attacks.train import augmentation_for
 from attacks.verify import CLEAN_PART, DATA_KINDS, VerifyData
 
 WEAK_BASELINE_MARGIN = 0.20  # clean accuracy must beat chance by this much to mean anything
@@ -229,6 +230,7 @@ def _markdown(
         f"- Image quality: mean PSNR {summary.get('mean_psnr_db', '–')} dB, mean SSIM {summary.get('mean_ssim', '–')}",
         f"- Clean training set: `{meta['clean_train']}`; test set: `{meta['test']}` ({len(data.test)} images)",
         f"- Labels used by the victims: {meta.get('labelling', 'the clean folders’ class names')}",
+        f"- Victims trained at: {_size_text(meta.get('size'))}",
         "",
         "## Clean test accuracy of victims (%)",
         f"Chance (always answering the most frequent test label) is {chance:.1f}%. Control = the same images with uniform random noise of the same budget. "
@@ -303,6 +305,12 @@ def _mix_lines(rows: list[dict[str, Any]]) -> list[str]:
         text = f"**{effect['text']}**" if effect["effect"] == "better" else effect["text"]
         lines.append(f"| {row['victim']} | {row['settings'].get('clean_fraction', 0.5):.0%} | " + " | ".join(cells) + f" | {text} |")
     return lines + [""]
+
+
+def _size_text(size: dict[str, Any] | None) -> str:
+    if not size:
+        return "unrecorded"
+    return f"{size['value']} x {size['value']} px ({size['how']}), training augmentation {augmentation_for(size['value'])}"
 
 
 def _precision_text(results: list[dict[str, Any]]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,18 @@ from protect.training_state import load_training_state, save_training_state, ten
 
 # Learning rates of the victims of protect.models for the one-cycle SGD loop below (transformers
 # need a smaller step).
-VICTIM_LR = {"small-cnn": 0.2, "resnet18": 0.1, "vgg11": 0.05, "vit-small": 0.02}
+VICTIM_LR = {"small-cnn": 0.2, "resnet18": 0.1, "vgg11": 0.05, "vit-small": 0.02, "resnet18-imagenet": 0.1}
+
+
+#: training augmentations by name: random crop after 4-px reflect padding + flip (CIFAR-sized
+#: images, protocol P0) and random-resized-crop + flip (photos, protocol P2)
+AUGMENTATIONS = ("crop-flip", "resized-crop-flip", "none")
+
+
+def augmentation_for(size: int) -> str:
+    """The augmentation a victim trained at ``size`` px uses: padded crops for thumbnails,
+    random-resized crops for photo sizes (64 px and more), as ImageNet training does."""
+    return "resized-crop-flip" if size >= 64 else "crop-flip"
 
 
 @dataclass
@@ -31,8 +43,12 @@ class TrainConfig:
     lr: float = 0.2
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    augment: bool = True  # random crop (pad 4, reflect) + horizontal flip
+    augment: str = "crop-flip"  # one of AUGMENTATIONS
     precision: str = "auto"  # protect.precision: auto = bf16 where the hardware runs it fast
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
 
 
 @dataclass
@@ -64,6 +80,35 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) 
     cropped = padded.gather(2, rows.expand(n, c, h, w + 2 * pad)).gather(3, cols.expand(n, c, h, w))
     flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
     return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped)
+
+
+def random_resized_crop_flip(
+    x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """Per-sample random-resized crop (area fraction in ``scale``, aspect ratio in ``ratio``,
+    resized back to the input size, bilinear) and random horizontal flip, on a batch
+    x: float (N, C, H, W). One affine resampling per batch, no per-sample Python."""
+    n = x.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) * (high - low) + low
+
+    area = uniform(*scale)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+    width = (area * aspect).sqrt().clamp(max=1.0)  # fractions of the image side
+    height = (area / aspect).sqrt().clamp(max=1.0)
+    centre_x = (uniform(-1, 1) * (1 - width)).to(x.dtype)
+    centre_y = (uniform(-1, 1) * (1 - height)).to(x.dtype)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+AUGMENT = {"crop-flip": random_crop_flip, "resized-crop-flip": random_resized_crop_flip, "none": None}
 
 
 @torch.no_grad()
@@ -141,8 +186,8 @@ def train_classifier(
         for idx in torch.randperm(len(train), generator=gen).split(config.batch_size):
             x = train_images[idx].to(device).float().div(255)
             y = train.labels[idx].to(device)
-            if config.augment:
-                x = random_crop_flip(x, gen)
+            if AUGMENT[config.augment] is not None:
+                x = AUGMENT[config.augment](x, gen)
             x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, config.precision):
                 loss = batch_loss(model, x, y, gen)

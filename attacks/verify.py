@@ -28,10 +28,10 @@ from attacks.contrastive import (
     contrastive_cell,
 )
 from attacks.countermeasures import COUNTERMEASURES, build_countermeasure
-from attacks.data import ImageSet, clean_choice, load_image_folder, load_pairs, mix_with_clean
+from attacks.data import ImageSet, clean_choice, load_image_folder, load_pairs, mix_with_clean, victim_size
 from attacks.purify import missing_purifier_message
 from attacks.relabel import RelabelError, describe, parse_spec, relabel_sets
-from attacks.train import VICTIM_LR, TrainConfig, train_classifier
+from attacks.train import VICTIM_LR, TrainConfig, augmentation_for, train_classifier
 from protect.budget import perturb_uint8
 from protect.generator import Batch, MethodConfig, bounded_perturbation, create_generator
 from protect.hardware import device_description
@@ -202,6 +202,8 @@ class VerifyData:
     train_captions: dict[str, str] | None = None
     test_captions: list[str] | None = None
     captions_source: str = "attributes"
+    #: the size victims train at, and how it was chosen
+    size: dict[str, Any] = field(default_factory=dict)
 
     def contrastive_pairs(self) -> tuple[dict[str, str], HeldOutPairs]:
         """Per-image captions of the training images (by path, from the clean images) and the
@@ -238,18 +240,23 @@ def random_control(clean: ImageSet, eps: float, seed: int) -> ImageSet:
 
 
 def load_verify_data(
-    protected_dir: Path, clean_dir: Path, test_dir: Path, *, resolution: int = 32, seed: int = 0,
+    protected_dir: Path, clean_dir: Path, test_dir: Path, *, resolution: int | None = 32, seed: int = 0,
     relabel: str | None = None, captions: Path | None = None, test_captions: Path | None = None,
 ) -> VerifyData:
     """Pair protected files with their clean originals (by the manifest of ``protect run``,
-    else by relative path), read the test set, and build the random control; ``relabel``
+    else by relative path), read the test set at ``resolution`` px (None: chosen from the clean
+    images' size, :func:`attacks.data.victim_size`) and build the random control; ``relabel``
     (attacks.relabel) gives every set the labels a victim would use instead of the true ones.
     ``captions`` / ``test_captions``: CSV/JSONL files of image,caption for contrastive victims
     (paths relative to ``clean_dir`` / ``test_dir``); without them, attribute captions."""
     for label, path in (("protected", protected_dir), ("--clean-train", clean_dir), ("--test", test_dir)):
         if not Path(path).is_dir():
             raise VerifyError(f"{label} folder not found: {path}")
+    size_choice = {"value": resolution, "how": "set with --size"}
     try:
+        if resolution is None:
+            resolution, side = victim_size(clean_dir)
+            size_choice = {"value": resolution, "how": f"automatic: the clean images' median shorter side is {side} px"}
         clean, protected = load_pairs(protected_dir, clean_dir, size=resolution)
         if len(clean.classes) < 2:
             raise VerifyError(f"{clean_dir}: training data has only one class ({clean.classes[0]}); need two or more")
@@ -267,7 +274,7 @@ def load_verify_data(
         (clean, control, protected), test = relabel_sets(spec, [clean, random_control(clean, eps, seed), protected], test, seed=seed)
     except RelabelError as exc:
         raise VerifyError(str(exc)) from None
-    data = VerifyData(clean, control, protected, test, protection, eps, describe(spec), claimed)
+    data = VerifyData(clean, control, protected, test, protection, eps, describe(spec), claimed, size=size_choice)
     try:
         if captions is not None:
             data.train_captions = dict(zip(clean.paths, captions_from_file(captions, clean.paths)))
@@ -317,12 +324,14 @@ def training_images(cell: Cell, data: VerifyData) -> ImageSet:
     return train.take(_kept_positions(train.labels, cell.per_class))
 
 
-def victim_train_config(victim: str, epochs: int, n_train: int) -> TrainConfig:
+def victim_train_config(victim: str, epochs: int, n_train: int, size: int = 32) -> TrainConfig:
     """P0's batch of 512 for full-size sets; on small sets a batch of about 1/20 of the data (at
     least 32), so each epoch still takes ~20 steps, with the learning rate scaled by the square
-    root of the batch ratio."""
+    root of the batch ratio. Victims at photo sizes (64 px and more) train with random-resized
+    crops and flips (protocol P2), thumbnails with padded crops and flips (P0)."""
     batch = min(512, max(32, n_train // 20))
-    return TrainConfig(epochs=epochs, batch_size=batch, lr=VICTIM_LR[victim] * (batch / 512) ** 0.5)
+    return TrainConfig(epochs=epochs, batch_size=batch, lr=VICTIM_LR[victim] * (batch / 512) ** 0.5,
+                       augment=augmentation_for(size))
 
 
 def run_cell(
@@ -339,7 +348,8 @@ def run_cell(
     if cell.victim in CONTRASTIVE_VICTIMS:
         return _run_contrastive_cell(cell, train, data, countermeasure, device=device, reporter=reporter)
     model = build_classifier(cell.victim, len(data.clean.classes), seed=cell.seed, image_size=data.clean.images.shape[-1])
-    config = victim_train_config(cell.victim, cell.epochs, len(train))
+    size = data.clean.images.shape[-1]
+    config = victim_train_config(cell.victim, cell.epochs, len(train), size)
     title = f"{cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}"
     with reporter.phase(title, total=cell.epochs) as phase:
         def on_epoch(epoch: int, accuracy: float) -> None:
@@ -358,6 +368,8 @@ def run_cell(
         "peak": result.peak,
         "seconds": result.seconds,
         "train_images": len(train),
+        "size": size,
+        "augment": config.augment,
         # a run resumed on a machine that resolves ``auto`` differently trained in both
         "precision": "+".join(sorted(set(result.precision))),
     }

@@ -15,7 +15,8 @@ from rich.table import Table
 
 from protect.config import ConfigError, parse_overrides
 from protect.console import RichReporter, err, fail, out, parse_eps, progress_display, resolve_device
-from protect.generator import available_methods, describe_fields
+from protect.autoset import describe_choices
+from protect.generator import available_methods, describe_fields, method_class
 from protect.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
 from protect.progress import Reporter
 from protect.runner import JobError, JobSummary, UsageError, protect_export, protect_folder
@@ -95,6 +96,9 @@ def _print_summary(command: str, summary: JobSummary) -> None:
     table.add_row("failed", str(len(summary.failed)))
     table.add_row("labels", escape(summary.labels))
     table.add_row("noise fitted", escape(summary.fit))
+    if summary.auto_settings:
+        shown = describe_choices(method_class(summary.method).auto_settings, summary.auto_settings)
+        table.add_row("chosen for these images", escape(shown))
     table.add_row("max |out - in|", f"{summary.max_levels} / 255")
     if summary.mean_psnr is not None:
         table.add_row("mean PSNR", "identical" if math.isinf(summary.mean_psnr) else f"{summary.mean_psnr:.2f} dB")
@@ -216,6 +220,8 @@ def methods(keys: bool = typer.Option(False, "--keys", help="Also list each meth
         table.add_row(name, labels, cls.summary)
         if keys:
             table.add_row("", "", "[dim]keys: " + ", ".join(describe_fields(cls.config_class)) + "[/dim]")
+            for setting in cls.auto_settings:
+                table.add_row("", "", "[dim]" + escape(f"{setting.key}: chosen from the folder unless set: {setting.rule}") + "[/dim]")
     out.print(table)
 
 

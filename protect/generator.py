@@ -20,6 +20,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 import torch
 
 from protect import precision
+from protect.autoset import AutoSetting
 from protect.budget import check_eps, project_to_valid
 from protect.config import ConfigError, build_config, read_default_config, read_yaml
 from protect.ranks import SINGLE_PROCESS, Ranks
@@ -110,6 +111,9 @@ class Generator(ABC):
     #: True when :meth:`fit` can run data-parallel (``self.ranks``, see :mod:`protect.ranks`)
     data_parallel_fit: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    #: settings whose defaults are chosen from the folder unless the user sets them (the number
+    #: of images and classes, the images' size; see :mod:`protect.autoset`)
+    auto_settings: ClassVar[tuple[AutoSetting, ...]] = ()
 
     def __init__(self, config: MethodConfig, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
         self.config = config

@@ -7,6 +7,9 @@ uses these two functions, so noise is fitted exactly as it is applied.
 
 from __future__ import annotations
 
+import statistics
+from typing import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,3 +30,10 @@ def to_image_size(delta: torch.Tensor, width: int, height: int) -> np.ndarray:
     if delta.shape[-2:] != (height, width):
         delta = F.interpolate(delta[None], size=(height, width), mode="bilinear", align_corners=False)[0]
     return delta.permute(1, 2, 0).numpy()
+
+
+def median_shorter_side(sizes: Iterable[tuple[int, int]]) -> int | None:
+    """The median of the images' shorter sides (pixels), from (width, height) pairs; None for none.
+    What "photo-sized" means to the automatic working resolution and victim size."""
+    sides = [min(width, height) for width, height in sizes]
+    return int(statistics.median(sides)) if sides else None

@@ -134,3 +134,24 @@ def test_robust_noise_survives_jpeg_better_than_plain_noise() -> None:
                                           data_transform=jpeg).final
     print(f"\nJPEG-trained victim accuracy: {accuracy}")
     assert accuracy["robust"] < accuracy["plain"] - 0.03
+
+
+@pytest.mark.parametrize("robust, plain", [("em-robust", "em-samplewise"), ("em-robust-classwise", "em-classwise")])
+def test_settings_chosen_from_the_folder_follow_the_plain_method(robust: str, plain: str) -> None:
+    """The same rules as the error-minimising counterpart; the class-wise step grows from the
+    method's own default (REM's 1.6/255 at batch 512), so large folders keep it."""
+    from protect.autoset import FolderFacts, choose_settings
+
+    assert [s.key for s in method_class(robust).auto_settings] == [s.key for s in method_class(plain).auto_settings]
+    config = config_to_dict(resolve_config(robust))
+    for images in (50_000, 240):
+        facts = FolderFacts(images=images, classes=10, side=224)
+        sized, _ = choose_settings(method_class(robust).auto_settings, config, facts, (), from_size=True)
+        chosen, _ = choose_settings(method_class(robust).auto_settings, sized, facts, (), from_size=False)
+        assert chosen["resolution"] == 64
+        if robust == "em-robust-classwise":
+            assert chosen["batch_size"] == min(512, images // 10)
+            if images == 50_000:  # batch 512: REM's step stays
+                assert chosen["step_size"] == pytest.approx(config["step_size"])
+            else:
+                assert config["step_size"] < chosen["step_size"] <= config["eps"] / 4

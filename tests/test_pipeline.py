@@ -152,7 +152,11 @@ def test_every_method_protects_a_labelled_folder(make_images, tmp_path: Path, me
 
     document = json.loads((output / PROTECTION_NAME).read_text(encoding="utf-8"))
     assert document["method"] == method
-    assert document["config"] == config_to_dict(config)
+    # the resolved config, with the defaults the method chose for this folder (never a key set by hand)
+    chosen = {key: entry["value"] for key, entry in document["auto_settings"].items()}
+    assert not set(chosen) & set(overrides)
+    assert document["config"] == {**config_to_dict(config), **chosen}
+    assert document["working_resolution"] == document["config"]["resolution"]
     assert document["seed"] == 3
     assert document["eps_levels"] == budget_in_levels(config.eps)
     assert document["hardware"] == device_description(torch.device("cpu"))

@@ -361,6 +361,10 @@ def test_per_image_captions_flow_from_a_file_into_verify(tmp_path: Path, make_im
     train_paths = [p.relative_to(clean).as_posix() for p in make_images("clean", per_class=6)]
     test_paths = [p.relative_to(test).as_posix() for p in make_images("test", per_class=3, seed=5)]
     shutil.copytree(clean, protected)
+    first = next(p for p in sorted(protected.rglob("*.png")))  # one level off, so the copy counts as protected
+    pixels = np.array(Image.open(first).convert("RGB"))
+    pixels[0, 0, 0] ^= 1
+    Image.fromarray(pixels).save(first)
     (tmp_path / "train.csv").write_text("image,caption\n" + "".join(f"{p},picture {i} of {p.split('/')[0]}\n" for i, p in enumerate(train_paths)))
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"image": p, "caption": f"held out {i}"}) + "\n" for i, p in enumerate(test_paths)))
     data = load_verify_data(protected, clean, test, captions=tmp_path / "train.csv", test_captions=tmp_path / "test.jsonl")

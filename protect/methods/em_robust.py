@@ -13,7 +13,9 @@ The min-min loop, its storage and its stop criterion are error-minimising noise'
 (:mod:`protect.methods.error_minimising`); here the surrogate's loss gains the inner
 maximisation and the transformations. The stop criterion is scored on that robust loss (error after transformation and attack).
 
-- ``em-robust``: one noise per image; ``em-robust-classwise``: one per class.
+- ``em-robust``: one noise per image; ``em-robust-classwise``: one per class. Both choose the
+  working resolution, and the class-wise one its batch and step size, from the folder as their
+  error-minimising counterparts do (the step from REM's 1.6/255 at batch 512).
 Defaults: REM's official code (fshp971/robust-unlearnable-examples) where it fits a CPU, and
 ours where it does not; see ``configs/em-robust*.yaml``.
 """
@@ -36,6 +38,7 @@ from protect.methods.error_minimising import (
     ImageLoss,
     SampleWiseConfig,
     SampleWiseErrorMinimising,
+    class_noise_rules,
 )
 
 #: a differentiable transformation of float (N,3,H,W) images in [0,1], drawing its randomness from the generator
@@ -239,7 +242,13 @@ class RobustSampleWise(_Robust, SampleWiseErrorMinimising):
     config_class = RobustSampleWiseConfig
 
 
+#: REM's noise step (gen_rem.sh: --pgd-step-size 1.6), the default of em-robust-classwise
+REM_STEP = 1.6 / 255
+
+
 @register("em-robust-classwise")
 class RobustClassWise(_Robust, ClassWiseErrorMinimising):
     summary = "Robust error-minimising noise with EOT, one per class (Fu et al., ICLR 2022)."
     config_class = RobustClassWiseConfig
+    # em-classwise's rules, with the step growing from REM's 1.6/255 rather than EM's 0.8/255
+    auto_settings = class_noise_rules(REM_STEP, "REM's")

@@ -15,6 +15,8 @@ data falls to ``stop_error``.
 - ``em-classwise``: one noise per class; each batch takes one PGD step from the class noise and
   the class noise becomes the mean of its batch members' perturbations.
 Defaults follow the official code (HanxunH/Unlearnable-Examples); see ``configs/em-*.yaml``.
+The working resolution, batch size and step size adapt to the folder unless set (the rules
+below, :mod:`protect.autoset`); they give the paper's values at the paper's sizes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from protect.autoset import AutoSetting, FolderFacts, clamp
 from protect.budget import project_linf, signed_gradient_step
 from protect.generator import Batch, FitScope, StoredNoiseGenerator, register
 from protect.progress import NullReporter, Reporter
@@ -165,6 +168,57 @@ def _shrunk_rows(rows: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
     return torch.cat([moving, padding])
 
 
+# Settings chosen from the folder ------------------------------------------------------------
+# The paper's values (batch 512, step 0.8/255, 32 px) are what these rules give at the sizes
+# the paper used (CIFAR-10: 50,000 images of 32 px); configs/em-*.yaml say so beside each key.
+
+#: images with a shorter side of at least this many pixels are photos
+PHOTO_SIDE = 64
+#: the working resolution of photos (measured: docs/photos.md)
+PHOTO_RESOLUTION = 64
+PAPER_BATCH, PAPER_STEP = 512, 0.8 / 255
+
+
+def _resolution(facts: FolderFacts, config: dict[str, Any]) -> int | None:
+    if facts.side is None:
+        return None
+    return PHOTO_RESOLUTION if facts.side >= PHOTO_SIDE else 32
+
+
+def _class_noise_batch(facts: FolderFacts, config: dict[str, Any]) -> int:
+    # Class noise moves one step per batch: at least ~10 batches per noise pass, or the surrogate
+    # memorises a small set (reaching stop_error) before the noise has become a shortcut.
+    return int(clamp(facts.images // 10, 8, PAPER_BATCH))
+
+
+def class_noise_rules(base_step: float, whose: str) -> tuple[AutoSetting, ...]:
+    """The rules of class noise whose step at batch 512 is ``base_step`` (``whose``: where that
+    value comes from): the working resolution, a batch of about a tenth of the images, and a
+    step that grows as the batches shrink."""
+
+    def step(facts: FolderFacts, config: dict[str, Any]) -> float:
+        # Fewer images, fewer batches per pass: larger steps (up to eps/4) so that the noise still
+        # crosses the budget in a few passes; ``base_step`` with batches of 512.
+        return clamp(base_step * (PAPER_BATCH / config["batch_size"]) ** 0.5, base_step, config["eps"] / 4)
+
+    base = f"{base_step * 255:.3g}/255"
+    return (
+        RESOLUTION_RULE,
+        AutoSetting("batch_size", "images / 10, between 8 and 512 (the paper's 512 from 5,120 images on)", _class_noise_batch),
+        AutoSetting(
+            "step_size", f"{base} x sqrt(512 / batch_size), between {base} ({whose}, at batch 512) and eps/4",
+            step, levels=True,
+        ),
+    )
+
+
+RESOLUTION_RULE = AutoSetting(
+    "resolution", f"{PHOTO_RESOLUTION} px for photos (median shorter side {PHOTO_SIDE} px or more), else 32 px (CIFAR-sized)",
+    _resolution, from_size=True,
+)
+CLASS_NOISE_RULES = class_noise_rules(PAPER_STEP, "the paper's")
+
+
 class _MinMin(StoredNoiseGenerator):
     """The shared min-min loop; subclasses say how noise is stored and updated."""
 
@@ -199,7 +253,6 @@ class _MinMin(StoredNoiseGenerator):
             raise ValueError(f"{self.name} needs labels (or pseudo-labels) to fit")
         reporter = reporter or NullReporter()
         cfg: ErrorMinimisingConfig = self.config
-        self._warn_if_few_batches(len(images), reporter)
         gen = torch.Generator().manual_seed(self.seed)
         n_classes = int(labels.max()) + 1
         x_all = images.float().div(255)
@@ -250,9 +303,6 @@ class _MinMin(StoredNoiseGenerator):
         image, then a separate error pass). Only where each image's noise is its own may the
         error be scored during PGD, as later batches do not change it."""
         return None
-
-    def _warn_if_few_batches(self, n_images: int, reporter: Reporter) -> None:
-        """Hook for methods whose noise learns per batch rather than per image."""
 
     def _batches(self, n: int, gen: torch.Generator, *, shuffle: bool):
         """An endless iterator of epochs, each a list of index batches."""
@@ -345,6 +395,7 @@ class SampleWiseErrorMinimising(_MinMin):
     summary = "Error-minimising noise, one per image (Huang et al., ICLR 2021)."
     config_class = SampleWiseConfig
     shuffle_noise_pass = False
+    auto_settings = (RESOLUTION_RULE,)
 
     def _exit_loss(self) -> float | None:
         return self.config.exit_loss if self.config.fast else None
@@ -363,22 +414,10 @@ class SampleWiseErrorMinimising(_MinMin):
 class ClassWiseErrorMinimising(_MinMin):
     summary = "Error-minimising noise, one per class (Huang et al., ICLR 2021)."
     fit_scope = FitScope.CLASSES
+    auto_settings = CLASS_NOISE_RULES
 
     def _init_noise(self, n_images, n_classes, shape, gen):
         return (torch.rand((n_classes, *shape), generator=gen) * 2 - 1) * self.config.eps
-
-    def _warn_if_few_batches(self, n_images: int, reporter: Reporter) -> None:
-        # Class noise moves one step per batch; with few batches per pass the surrogate memorises
-        # a small set (reaching stop_error) before the noise has become a shortcut.
-        batches = -(-n_images // self.config.batch_size)
-        suggested = n_images // 10
-        if batches < 10 and suggested >= 8:
-            reporter.message(
-                f"{self.name}: {n_images} images make only {batches} batch(es) of {self.config.batch_size} per noise "
-                f"pass, too few steps for class noise on a small set; consider --set batch_size={suggested} "
-                "--set step_size=2/255",
-                level="warning",
-            )
 
     def _noise_for(self, indices, labels):
         return self.noise[labels]

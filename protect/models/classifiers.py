@@ -9,7 +9,10 @@ expose ``embed`` (penultimate features).
 - ``resnet18``: CIFAR ResNet-18 (3x3 stem, no max-pool; He et al. 2016 as used by
   Huang et al. 2021, the official EM surrogate).
 - ``vgg11``: VGG-11 with batch norm (Simonyan & Zisserman 2015), CIFAR variant.
-- ``vit-small``: a small Vision Transformer (Dosovitskiy et al. 2021) for 32 px inputs.
+- ``vit-small``: a small Vision Transformer (Dosovitskiy et al. 2021): an 8 x 8 grid of
+  patches at any input size (4 px patches at 32 px, 14 px at 112 px).
+- ``resnet18-imagenet``: torchvision's ResNet-18 (7x7 stride-2 stem and max-pool, He et al.
+  2016 as trained on ImageNet), from scratch: the victim for photos at 112 or 224 px.
 
 Unlearnable noise crafted on one network must transfer to others, so victims span these
 architectures.
@@ -22,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -145,12 +149,13 @@ class VGG11(nn.Module):
 
 
 class SmallViT(nn.Module):
-    """A small Vision Transformer (Dosovitskiy et al. 2021) for 32 px inputs: 4x4 patches,
-    width 192, 6 pre-norm blocks of 3 heads, mean-pooled tokens."""
+    """A small Vision Transformer (Dosovitskiy et al. 2021): an 8 x 8 grid of square patches
+    (4 px at 32 px inputs), width 192, 6 pre-norm blocks of 3 heads, mean-pooled tokens."""
 
-    def __init__(self, num_classes: int = 10, image_size: int = 32, patch: int = 4, dim: int = 192,
+    def __init__(self, num_classes: int = 10, image_size: int = 32, patch: int | None = None, dim: int = 192,
                  depth: int = 6, heads: int = 3) -> None:
         super().__init__()
+        patch = patch or max(1, image_size // 8)
         self.normalize = Normalize()
         self.patchify = nn.Conv2d(3, dim, patch, stride=patch)
         self.position = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
@@ -169,11 +174,33 @@ class SmallViT(nn.Module):
         return self.head(self.norm(tokens).mean(dim=1))
 
 
+class ImageNetResNet18(nn.Module):
+    """torchvision's ResNet-18 (ImageNet layout: 7x7 stride-2 stem, max-pool, stages of
+    64/128/256/512 channels, global average pool), randomly initialised; for photos at 112 px
+    and more (at 32 px its stem leaves a 1x1 map before the last stage)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.normalize = Normalize()
+        body = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+        self.head = body.fc
+        body.fc = nn.Identity()
+        self.features = body
+        self.feature_dim = 512
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
 CLASSIFIERS: dict[str, Callable[[int, int], nn.Module]] = {
     "small-cnn": lambda num_classes, image_size: SmallCNN(num_classes),
     "resnet18": lambda num_classes, image_size: ResNet18(num_classes),
     "vgg11": lambda num_classes, image_size: VGG11(num_classes),
     "vit-small": lambda num_classes, image_size: SmallViT(num_classes, image_size=image_size),
+    "resnet18-imagenet": lambda num_classes, image_size: ImageNetResNet18(num_classes),
 }
 
 

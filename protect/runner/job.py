@@ -48,6 +48,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from safetensors.torch import load_file
 
+from protect.autoset import user_keys
 from protect.config import ConfigError
 from protect.distributed import DistributedFitError, check_devices, fit_data_parallel
 from protect.generator import FitScope, Generator, method_class
@@ -64,10 +65,11 @@ from protect.protector import (
     resolve_with_protector,
     save_protector,
 )
+from protect.runner.auto import AutoRecord, fit_choices, peeked_side, report_choices, size_choices, wants_size
 from protect.runner.engines import ENGINES, EngineError, default_workers, run_units
 from protect.runner.formats import ColumnOptions, ExportFormat, FormatError, Unit, detect_format, remove_stale_temporaries
 from protect.runner.journal import Journal, JournalState
-from protect.runner.labels import label_tensor, labels_for_fit, source_classes
+from protect.runner.labels import FitLabels, label_tensor, labels_for_fit, source_classes
 from protect.runner.unit import JobSpec, decoded_records, new_generator, remember_protector
 from protect.scale import working_tensor
 from protect.training_state import CheckpointError
@@ -161,6 +163,8 @@ class JobSummary:
     mean_ssim: float | None = None
     labels: str = "none"
     fit: str = ""
+    #: settings chosen from the folder: {key: {"value", "default", "rule", "from"}}
+    auto_settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     fit_seconds: float = 0.0
     apply_seconds: float = 0.0
@@ -205,6 +209,7 @@ def run_job(job: Job, reporter: Reporter | None = None) -> JobSummary:
         columns=job.columns, method=job.method, config=config, seed=job.seed, device=str(job.device),
         image_format=job.output_format, max_pixels=job.max_pixels, max_bytes=job.max_bytes,
         allow_outside=job.allow_outside, keep_other_files=job.keep_other_files, threads=job.threads,
+        fixed_keys=tuple(sorted(user_keys(job.config_file, job.overrides, job.eps))),
     )
     try:
         # Built here so that what the method cannot start with (missing weights, a damaged
@@ -255,7 +260,10 @@ def _run_locked(
     Path(spec.parts_dir).mkdir(parents=True, exist_ok=True)
 
     fit_started = time.perf_counter()
+    chosen: AutoRecord = {}
     try:
+        if reused is None:
+            spec, generator, chosen = _choose_from_size(spec, generator, fmt, units, reporter)
         fit = _fit_phase(spec, job, generator, units, fmt, state_dir, reused, reporter)
     except UsageError:
         if done.header is not None and not done.units and not done.fit:  # started by this call: leave nothing behind
@@ -263,7 +271,10 @@ def _run_locked(
         raise
     summary.fit_seconds = time.perf_counter() - fit_started if fit.info.get("fitted_now") else 0.0
     summary.fit, summary.labels = fit.description, fit.labels
-    fit_record = {"how": fit.description, "labels": fit.labels, **{k: v for k, v in fit.info.items() if k != "fitted_now"}}
+    fit_record = {"how": fit.description, "labels": fit.labels,
+                  **{k: v for k, v in fit.info.items() if k not in ("fitted_now", "auto_settings")},
+                  "config": fit.spec.config, "auto_settings": {**chosen, **fit.info.get("auto_settings", {})}}
+    summary.auto_settings = fit_record["auto_settings"]
     journal.fitted(fit_record)
     try:
         _apply_phase(job, fit, fmt, units, done, journal, workers, summary, reporter)
@@ -491,6 +502,38 @@ def _open_journal(journal: Journal, settings: dict[str, Any], dest: Path, job: J
 # the fit
 
 
+def _choose_from_size(
+    spec: JobSpec, generator: Generator, fmt: ExportFormat, units: list[Unit], reporter: Reporter
+) -> tuple[JobSpec, Generator, AutoRecord]:
+    """The settings the method chooses from the images' size (the working resolution), from the
+    first readable images of the source."""
+    if not wants_size(generator, spec.fixed_keys):
+        return spec, generator, {}
+    readable = (image for unit in units for _, image, problem in decoded_records(fmt.read(unit), spec)
+                if image is not None and problem is None)
+    side = peeked_side(readable)
+    config, chosen = size_choices(generator, spec.config, spec.fixed_keys, side)
+    spec = _with(spec, config=config, image_side=side)
+    if chosen:
+        generator = new_generator(spec, generator.seed)
+        report_choices(generator, chosen, reporter)
+    return spec, generator, chosen
+
+
+def _choose_for_fit(
+    spec: JobSpec, generator: Generator, images: int, labels: FitLabels | None, reporter: Reporter
+) -> tuple[JobSpec, Generator, AutoRecord]:
+    """The settings the method chooses from its fit set (``images`` images, ``labels``), and
+    the generator made with them."""
+    config, chosen = fit_choices(generator, spec.config, spec.fixed_keys, images, labels, spec.image_side)
+    if not chosen:
+        return spec, generator, {}
+    spec = _with(spec, config=config)
+    generator = new_generator(spec, generator.seed)
+    report_choices(generator, chosen, reporter)
+    return spec, generator, chosen
+
+
 def _fit_phase(
     spec: JobSpec, job: Job, generator: Generator, units: list[Unit], fmt: ExportFormat, state_dir: Path,
     reused: dict[str, Any] | None, reporter: Reporter,
@@ -522,11 +565,14 @@ def _kept_protector(state_dir: Path) -> Path:
     return state_dir / "protector"
 
 
-def _restore(spec: JobSpec, generator: Generator, kept: Path, reporter: Reporter) -> dict[str, Any]:
+def _restore(spec: JobSpec, kept: Path, reporter: Reporter) -> tuple[JobSpec, Generator, dict[str, Any]]:
+    """The job's spec and generator with the config and state of the fit kept in ``kept``."""
     meta = read_protector_meta(kept)
+    spec = _with(spec, config=meta["config"])
+    generator = new_generator(spec, spec.seed)
     generator.load_state_dict(load_file(str(kept / PROTECTOR_TENSORS)))
     reporter.message(f"resuming: the fitted {spec.method} restored from the interrupted run", "info")
-    return meta
+    return spec, generator, meta
 
 
 def _copy_protector(kept: Path, save_to: Path | str | None, reporter: Reporter) -> None:
@@ -557,9 +603,10 @@ def _fit_whole(
     kept, index_path = _kept_protector(state_dir), state_dir / "fit-index.json"
     spec = _with(spec, protector=str(kept), fit_index=str(index_path))
     if (kept / PROTECTOR_META).exists() and index_path.exists():
-        meta = _restore(spec, generator, kept, reporter)
+        spec, generator, meta = _restore(spec, kept, reporter)
         remember_protector(spec, generator)
-        return _Fit(_with(spec, classes=tuple(meta["classes"])), meta["how"], meta["label_source"], meta["fit"])
+        info = {**meta["fit"], "auto_settings": meta.get("auto_settings", {})}
+        return _Fit(_with(spec, classes=tuple(meta["classes"])), meta["how"], meta["label_source"], info)
     names, digests, labels, small = [], [], [], []
     with reporter.phase("reading images", total=sum(u.count for u in units)) as phase:
         for unit in units:
@@ -580,6 +627,7 @@ def _fit_whole(
     covers_new = generator.fit_scope.covers_new_images(bool(fit_labels.classes))
     if job.save_protector_to is not None and not covers_new:
         raise UsageError(_cannot_save_protector(job.method, Path(job.source)))
+    spec, generator, chosen = _choose_for_fit(spec, generator, len(small), fit_labels, reporter)
     # A long fit keeps its progress here after each step, so --resume continues an interrupted fit.
     generator.fit_checkpoint_dir = state_dir / "fit-progress"
     try:
@@ -591,7 +639,9 @@ def _fit_whole(
         info.update(_label_report(generator, fit_labels.labels, reporter))
     classes = fit_labels.classes if generator.fit_scope is FitScope.CLASSES else []
     meta = {"method": job.method, "config": spec.config, "seed": spec.seed, "classes": classes, "fitted_on": len(small),
-            "fit": {k: v for k, v in info.items() if k != "fitted_now"}, "how": how, "label_source": fit_labels.source}
+            "fit": {k: v for k, v in info.items() if k != "fitted_now"}, "how": how, "label_source": fit_labels.source,
+            "auto_settings": chosen}
+    info["auto_settings"] = chosen
     save_protector(kept, generator, meta)
     shutil.rmtree(state_dir / "fit-progress", ignore_errors=True)  # the kept fit replaces it
     rows = {name: [row, digest] for row, (name, digest) in enumerate(zip(names, digests))}
@@ -609,7 +659,7 @@ def _fit_shared(
     to per-unit fits when class noise finds no labels to fit on."""
     kept = _kept_protector(state_dir)
     if (kept / PROTECTOR_META).exists():
-        meta = _restore(spec, generator, kept, reporter)
+        spec, generator, meta = _restore(spec, kept, reporter)
         info: dict[str, Any] = meta["fit"]
     else:
         fitted = _fit_protector(spec, job, generator, units, kept, reporter)
@@ -617,8 +667,9 @@ def _fit_shared(
             if job.save_protector_to is not None:
                 raise UsageError(_cannot_save_protector(job.method, Path(job.source)))
             return _Fit(spec, "per unit (the source has no labels with two classes or more to fit class noise on)", "per unit")
-        meta = fitted
+        spec, generator, meta = fitted
         info = {**meta["fit"], "fitted_now": True}
+    info["auto_settings"] = meta.get("auto_settings", {})
     spec = _with(spec, protector=str(kept), classes=tuple(meta["classes"]))
     remember_protector(spec, generator)
     _copy_protector(kept, job.save_protector_to, reporter)
@@ -628,9 +679,10 @@ def _fit_shared(
 
 def _fit_protector(
     spec: JobSpec, job: Job, generator: Generator, units: list[Unit], folder: Path, reporter: Reporter
-) -> dict[str, Any] | None:
+) -> tuple[JobSpec, Generator, dict[str, Any]] | None:
     """Fit on up to ``fit_sample`` images, the first few of every unit (so every part of a
-    sorted export is represented), and save the protector before any record is applied.
+    sorted export is represented), and save the protector before any record is applied; the
+    spec and generator with the settings chosen for the sample, and the protector's record.
     Class noise needs every sampled record's label (two classes or more): None otherwise, and
     units then fit their own noise."""
     per_class = method_class(job.method).fit_scope is FitScope.CLASSES
@@ -663,6 +715,8 @@ def _fit_protector(
             return None
         labels = label_tensor(names, classes)
     images = torch.stack(small)
+    sample_labels = FitLabels(labels, classes) if labels is not None else None
+    spec, generator, chosen = _choose_for_fit(spec, generator, len(small), sample_labels, reporter)
     if job.fit_devices:
         with reporter.phase(f"{job.method}: fitting on {', '.join(job.fit_devices)}", total=None):
             try:
@@ -674,9 +728,10 @@ def _fit_protector(
     else:
         generator.fit(images, labels, reporter)
         fit = generator.fit_summary()
-    meta = {"method": job.method, "config": spec.config, "seed": spec.seed, "classes": classes, "fitted_on": len(small), "fit": fit}
+    meta = {"method": job.method, "config": spec.config, "seed": spec.seed, "classes": classes, "fitted_on": len(small), "fit": fit,
+            "auto_settings": chosen}
     save_protector(folder, generator, meta)
-    return meta
+    return spec, generator, meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -713,6 +768,7 @@ def _finish(
         summary.mean_psnr = sum(r["psnr_sum"] for r in results) / summary.written
         summary.mean_ssim = sum(r["ssim_sum"] for r in results) / summary.written
     summary.fit = summary.fit or fit_record.get("how", "")
+    summary.auto_settings = fit_record.get("auto_settings", {})
     summary.labels = fit_record.get("labels", summary.labels)
     if summary.written and summary.max_levels == 0:
         summary.problems.append(
@@ -721,7 +777,7 @@ def _finish(
         )
     dest = summary.dest
     write_text_atomic(dest / MANIFEST_NAME, _manifest_text(results))
-    write_text_atomic(dest / PROTECTION_NAME, json.dumps(_protection_document(summary, settings, fit_record, device), indent=2, sort_keys=True) + "\n")
+    write_text_atomic(dest / PROTECTION_NAME, json.dumps(_protection_document(summary, settings, fit_record, device, results), indent=2, sort_keys=True) + "\n")
     # The state holds the fitted noise; the journal goes last, so a kill here is finished by a rerun.
     for path in sorted(state_dir.iterdir()) if state_dir.exists() else []:
         if path.is_dir():
@@ -737,14 +793,26 @@ def _manifest_text(results: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(entry, sort_keys=True) + "\n" for r in results for entry in r["manifest"])
 
 
+def _per_unit_choices(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Settings chosen by units that fitted their own noise: each distinct choice once, with
+    the number of units that made it."""
+    groups: dict[str, dict[str, Any]] = {}
+    for result in results:
+        values = {key: entry["value"] for key, entry in result.get("auto_settings", {}).items()}
+        if values:
+            group = groups.setdefault(json.dumps(values, sort_keys=True), {"settings": values, "units": 0})
+            group["units"] += 1
+    return list(groups.values())
+
+
 def _protection_document(
-    summary: JobSummary, settings: dict[str, Any], fit_record: dict[str, Any], device_name: str
+    summary: JobSummary, settings: dict[str, Any], fit_record: dict[str, Any], device_name: str, results: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """How the copy was made. No timings: an interrupted and resumed job writes the same bytes
     as an uninterrupted one."""
-    config = settings["config"]
+    config = fit_record.get("config", settings["config"])
     device = torch.device(device_name)
-    fit = {k: v for k, v in fit_record.items() if k != "labels"}
+    fit = {k: v for k, v in fit_record.items() if k not in ("labels", "config", "auto_settings")}
     psnr = summary.mean_psnr
     return {
         "method": settings["method"],
@@ -757,6 +825,10 @@ def _protection_document(
         "hardware": device_description(device),
         "precision": resolved_precision(device, config.get("precision", "fp32")),
         "labels": summary.labels,
+        # defaults chosen from the folder (protect.autoset); the config above holds the values used
+        "auto_settings": fit_record.get("auto_settings", {}),
+        "auto_settings_per_unit": _per_unit_choices(results),
+        "working_resolution": config.get("resolution"),
         "fit": fit,
         "designed_against": list(method_class(settings["method"]).designed_against(config)),
         "versions": package_versions(),

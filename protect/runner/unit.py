@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -35,6 +35,7 @@ from protect.generator import Batch, Generator, bounded_perturbation, create_gen
 from protect.images import DEFAULT_MAX_BYTES, OUTPUT_FORMATS, ImageReadError, LoadedImage, decode_image, encode_image
 from protect.metrics import psnr, ssim
 from protect.protector import PROTECTOR_TENSORS
+from protect.runner.auto import fit_choices
 from protect.runner.formats import ColumnOptions, ExportFormat, Record, Unit, open_format
 from protect.runner.labels import labels_for_fit
 from protect.scale import to_image_size, working_tensor
@@ -55,7 +56,9 @@ class JobSpec:
     unit fits its own noise); ``classes`` are the label names that protector was fitted with;
     ``fit_index`` is the JSON file listing the images of a whole-source fit (their rows and
     labels). ``threads``: torch threads while a unit runs (1 makes a unit's bytes the same in
-    the driver, a local worker or a Ray task; None keeps the process's setting)."""
+    the driver, a local worker or a Ray task; None keeps the process's setting). ``fixed_keys``:
+    the config keys the user set, which no rule of :mod:`protect.autoset` changes;
+    ``image_side``: the images' median shorter side, when a rule needed it."""
 
     format: str
     source: str
@@ -75,6 +78,8 @@ class JobSpec:
     protector: str | None = None
     classes: tuple[str, ...] | None = None
     fit_index: str | None = None
+    fixed_keys: tuple[str, ...] = ()
+    image_side: int | None = None
 
     def open_format(self) -> ExportFormat:
         return open_format(
@@ -238,13 +243,14 @@ def _process_unit(job: JobSpec, unit: Unit) -> dict[str, Any]:
     fmt = job.open_format()
     tally = _Tally()
     pseudo = False
+    chosen: dict[str, Any] = {}
     if job.fit_index is not None:
         generator = _loaded_protector(job)
         place, pseudo = _placement_in_fit(job)
     elif job.protector is not None:
         generator, place = _loaded_protector(job), _placement_by_class(job)
     else:
-        generator, place, pseudo = _fit_unit(job, unit, fmt)
+        generator, place, pseudo, chosen = _fit_unit(job, unit, fmt)
     records = _protect_records(fmt.read(unit), generator, place, pseudo, job, tally)
     for key, reason in fmt.write_part(unit, records, job.part_path(unit), Path(job.dest)):
         tally.unwritten(key, reason)
@@ -261,11 +267,13 @@ def _process_unit(job: JobSpec, unit: Unit) -> dict[str, Any]:
         "ssim_sum": tally.ssim_sum,
         "manifest": tally.entries,
         "seconds": round(time.perf_counter() - started, 3),
+        **({"auto_settings": chosen} if chosen else {}),
     }
 
 
-def _fit_unit(job: JobSpec, unit: Unit, fmt: ExportFormat) -> tuple[Generator, Placement, bool]:
-    """Fit a fresh generator on the unit's own images (sample-wise methods optimise shard by shard)."""
+def _fit_unit(job: JobSpec, unit: Unit, fmt: ExportFormat) -> tuple[Generator, Placement, bool, dict[str, Any]]:
+    """Fit a fresh generator on the unit's own images (sample-wise methods optimise shard by
+    shard), with the settings chosen for them (also returned)."""
     generator = new_generator(job, unit_seed(job.seed, unit.index))
     small, names = [], []
     for record, image, problem in decoded_records(fmt.read(unit), job):
@@ -274,16 +282,19 @@ def _fit_unit(job: JobSpec, unit: Unit, fmt: ExportFormat) -> tuple[Generator, P
             names.append(record.label)
     counter = iter(range(1 << 62))
     if not small:
-        return generator, lambda record, image: (next(counter), None), False
+        return generator, lambda record, image: (next(counter), None), False, {}
     images = torch.stack(small)
     fit = labels_for_fit(names, images, generator)
+    config, chosen = fit_choices(generator, job.config, job.fixed_keys, len(images), fit, job.image_side)
+    if chosen:
+        generator = new_generator(replace(job, config=config), generator.seed)
     generator.fit(images, fit.labels)
 
     def place(record: Record, image: LoadedImage) -> tuple[int, int | None]:
         row = next(counter)
         return row, None if fit.labels is None else int(fit.labels[row])
 
-    return generator, place, fit.pseudo
+    return generator, place, fit.pseudo, chosen
 
 
 _Pending = tuple[Record, LoadedImage | None, int | None, int]
