@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from attacks.countermeasures import BatchLoss, DataTransform, standard_loss
 from attacks.data import ImageSet
+from protect.augment import random_crop_flip
 from protect.precision import autocast, resolved_precision
 from protect.training_state import load_training_state, save_training_state, tensor_fingerprint
 
@@ -66,20 +67,6 @@ class TrainResult:
     @property
     def peak(self) -> float:
         return max(self.test_accuracy)
-
-
-def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Per-sample random crop after reflect padding, and random horizontal flip, on a batch."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None]).view(n, 1, h, 1)
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None]).view(n, 1, 1, w)
-    c = x.shape[1]
-    cropped = padded.gather(2, rows.expand(n, c, h, w + 2 * pad)).gather(3, cols.expand(n, c, h, w))
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-    return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped)
 
 
 def random_resized_crop_flip(

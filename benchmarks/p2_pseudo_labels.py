@@ -21,27 +21,11 @@ from pathlib import Path
 import torch
 
 from attacks.data import load_image_folder
-from protect.cluster import PSEUDO_LABEL_FEATURES, pseudo_labels
+from protect.cluster import PSEUDO_LABEL_FEATURES, cluster_quality, pseudo_labels
 from tables import write_table  # benchmarks/ is the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette"
-
-
-def agreement(assignments: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(NMI, purity) of a clustering against labels."""
-    counts = torch.zeros(int(assignments.max()) + 1, int(labels.max()) + 1, dtype=torch.float64)
-    counts.index_put_((assignments.long(), labels.long()), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
-    joint = counts / counts.sum()
-    p_cluster, p_class = joint.sum(1), joint.sum(0)
-    nonzero = joint > 0
-    mutual = (joint[nonzero] * (joint[nonzero] / (p_cluster[:, None] * p_class[None, :])[nonzero]).log()).sum()
-
-    def entropy(p: torch.Tensor) -> torch.Tensor:
-        return -(p[p > 0] * p[p > 0].log()).sum()
-
-    nmi = float(mutual / ((entropy(p_cluster) + entropy(p_class)) / 2))
-    return nmi, float(counts.max(1).values.sum() / counts.sum())
 
 
 def main() -> None:
@@ -64,7 +48,8 @@ def main() -> None:
                 assignments = pseudo_labels(data.images, len(data.classes), surrogate="small-cnn", device=torch.device("cpu"),
                                             seed=seed, extractor=extractor)
                 seconds.append(time.perf_counter() - started)
-                scores.append(agreement(assignments, data.labels))
+                quality = cluster_quality(assignments, data.labels)
+                scores.append((quality["nmi"], quality["purity"]))
             nmi = [s[0] for s in scores]
             purity = [s[1] for s in scores]
             row = [extractor, resolution, f"{min(nmi):.3f} – {max(nmi):.3f}", f"{sum(nmi) / len(nmi):.3f}",

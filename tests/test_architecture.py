@@ -20,7 +20,7 @@ PACKAGES = ("protect", "attacks")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("protect.config", "protect.configs", "protect.budget", "protect.progress", "protect.precision",
               "protect.hardware", "protect.images", "protect.metrics", "protect.training_state", "protect.ranks",
-              "protect.scale", "protect.autoset")),
+              "protect.scale", "protect.autoset", "protect.augment")),
     ("models", ("protect.models",)),
     ("methods", ("protect.generator", "protect.methods", "protect.surrogates", "protect.cluster", "protect.protector",
                  "protect.distributed", "protect.t2ue")),

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from protect.augment import random_crop_flip
 from protect.budget import check_eps
 from protect.generator import MAX_RESOLUTION
 from protect.models.clip import ClipEncoders, load_clip
@@ -128,17 +129,7 @@ def shift_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     """A victim's augmentation on a batch, independently per image: reflect-pad by 1/8 of the
     size (4 px at 32), crop back at a random offset, and flip half of them horizontally.
     Differentiable in ``images`` (float (N, C, R, R))."""
-    n, _, h, w = images.shape
-    pad = max(1, h // 8)
-    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
-    rows = (dy[:, None] + torch.arange(h, device=images.device)[None]).view(n, 1, h, 1)
-    cols = (dx[:, None] + torch.arange(w, device=images.device)[None]).view(n, 1, 1, w)
-    c = images.shape[1]
-    cropped = padded.gather(2, rows.expand(n, c, h, w + 2 * pad)).gather(3, cols.expand(n, c, h, w))
-    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-    return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped)
+    return random_crop_flip(images, generator, pad=max(1, images.shape[-2] // 8))
 
 
 class Learner:
