@@ -35,7 +35,7 @@ def test_fast_path_without_exits_is_the_paper_loop() -> None:
     stop criterion scored during PGD instead of by a separate error pass."""
     images, labels = tiny_set()
     paper = fitted(images, labels, fast=False, steps=4)
-    fast = fitted(images, labels, fast=True, exit_loss=0.0, steps=4)
+    fast = fitted(images, labels, fast=True, exit_loss=0.0, fast_steps=4, fast_step_size="0.8/255")
     assert fast.fit_summary()["rounds_run"] == paper.fit_summary()["rounds_run"]
     assert fast.final_error == paper.final_error and fast.converged == paper.converged
     assert torch.allclose(fast.noise, paper.noise, atol=1e-6)
@@ -44,13 +44,23 @@ def test_fast_path_without_exits_is_the_paper_loop() -> None:
 
 def test_fast_and_paper_paths_stay_in_budget_and_stop_alike() -> None:
     images, labels = tiny_set()
-    runs = {fast: fitted(images, labels, fast=fast, steps=6, stop_error=0.05) for fast in (False, True)}
+    runs = {fast: fitted(images, labels, fast=fast, steps=6, fast_steps=6, fast_step_size="0.8/255", stop_error=0.05)
+            for fast in (False, True)}
     for run in runs.values():
         assert run.converged and run.final_error <= 0.05
         assert run.noise.abs().max() <= EPS + 1e-7
     # Early exits cut the work; the criterion, and the rounds it took to meet it, do not change.
     assert runs[True].image_steps < runs[False].image_steps
     assert abs(runs[True].rounds_run - runs[False].rounds_run) <= 1
+
+
+def test_the_fast_path_takes_its_own_schedule_and_the_paper_path_the_papers() -> None:
+    images, labels = tiny_set()
+    rounds = dict(max_rounds=1, exit_loss=0.0)
+    fast = fitted(images, labels, fast=True, fast_steps=2, fast_step_size="4/255", **rounds)
+    paper = fitted(images, labels, fast=False, steps=7, **rounds)
+    assert fast.image_steps == 2 * len(images) and paper.image_steps == 7 * len(images)
+    assert fast.noise.abs().max() <= EPS + 1e-7 and paper.noise.abs().max() <= EPS + 1e-7
 
 
 class Fixed(nn.Module):

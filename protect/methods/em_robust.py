@@ -34,9 +34,9 @@ from protect.config import parse_number
 from protect.generator import register
 from protect.methods.error_minimising import (
     ClassWiseErrorMinimising,
+    EarlyExitConfig,
     ErrorMinimisingConfig,
     ImageLoss,
-    SampleWiseConfig,
     SampleWiseErrorMinimising,
     class_noise_rules,
 )
@@ -166,7 +166,7 @@ class RobustSettings:
 
 
 @dataclass
-class RobustSampleWiseConfig(SampleWiseConfig, RobustSettings):
+class RobustSampleWiseConfig(EarlyExitConfig, RobustSettings):
     def validate(self) -> None:
         super().validate()
         self.validate_robust()
@@ -215,6 +215,10 @@ class _Robust:
                               step_size=cfg.atk_step_size, gen=self._rng(), autocast=self.autocast())
         model.train(was_training)
         return adv
+
+    def _pgd_schedule(self) -> tuple[int, float]:
+        # REM's own schedule (steps, step_size) with or without em-samplewise's early exit
+        return self.config.steps, self.config.step_size
 
     def _surrogate_batch(self, model: nn.Module, noisy: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
