@@ -8,7 +8,7 @@ kmeans:10`).
 Every surrogate is trained on CIFAR-10 train images 1000-4999 of each class (sorted by name),
 disjoint from the protected subset (images 0-999); the SimCLR encoder never reads their labels.
 Each step stores what it measured in ``WORK/results-clusters.json`` and is skipped when rerun,
-so the steps can run one at a time (each under the CPU lock):
+so a long benchmark can be run a step at a time:
 
     python benchmarks/p0_clusters.py ssl                              # train the SimCLR surrogate, k-NN accuracy
     python benchmarks/p0_clusters.py ssl-long --ssl-epochs 60         # a longer one, probed every 5 epochs (surrogate ssl-e60)
