@@ -90,7 +90,7 @@ README_METHODS = [
     Headline("random", "control: uniform noise in [-eps, eps]; every method must beat it",
              "p0", "random", "small CNN test acc % (final)"),
     Headline("em-samplewise", "error-minimising noise, one per image (Huang et al., ICLR 2021)",
-             "p0", "em-samplewise", "small CNN test acc % (final)"),
+             "p0-em-samplewise-fast", "fast path (defaults)", "small CNN test acc %"),
     Headline("em-classwise", "error-minimising noise, one per class (Huang et al., ICLR 2021)",
              "p0", "em-classwise", "small CNN test acc % (final)"),
     Headline("bayes", "Bayes-error maximisation, one noise per image, for data that will be mixed with clean data "

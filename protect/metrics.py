@@ -65,24 +65,26 @@ def ssim(original: np.ndarray, protected: np.ndarray) -> float:
     g = _gaussian_kernel(size)
     total, count = 0.0, 0
     for top, left in corners:
-        for channel in range(original.shape[2]):
-            crop = (slice(top, top + tile), slice(left, left + tile), channel)
-            a = torch.from_numpy(np.ascontiguousarray(original[crop])).float()
-            b = torch.from_numpy(np.ascontiguousarray(protected[crop])).float()
-            ssim_map = _ssim_map(a, b, g, size)
-            total += float(ssim_map.sum())
-            count += ssim_map.numel()
+        crop = (slice(top, top + tile), slice(left, left + tile))
+        a = torch.from_numpy(np.ascontiguousarray(original[crop])).permute(2, 0, 1).float()
+        b = torch.from_numpy(np.ascontiguousarray(protected[crop])).permute(2, 0, 1).float()
+        ssim_map = _ssim_map(a, b, g, size)
+        total += float(ssim_map.sum())
+        count += ssim_map.numel()
     return total / count
 
 
 def _ssim_map(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, size: int) -> torch.Tensor:
-    """SSIM map (valid window positions) of two float HxW images."""
+    """SSIM maps (valid window positions) of two float CxHxW images, one per channel."""
     # The Gaussian window is separable: blur rows, then columns, as one depthwise convolution
-    # over the five maps (a grouped convolution is an order of magnitude faster on CPU).
-    maps = torch.stack([a, b, a * a, b * b, a * b])[None]
-    maps = F.conv2d(maps, g.view(1, 1, 1, size).expand(5, 1, 1, size).contiguous(), groups=5)
-    maps = F.conv2d(maps, g.view(1, 1, size, 1).expand(5, 1, size, 1).contiguous(), groups=5)[0].double()
-    mu_a, mu_b, aa, bb, ab = maps
+    # over the five maps of every channel (a grouped convolution is an order of magnitude faster
+    # on CPU, and one call per tile instead of one per channel saves the per-call overhead that
+    # dominates small images).
+    groups = 5 * a.shape[0]
+    maps = torch.cat([a, b, a * a, b * b, a * b])[None]
+    maps = F.conv2d(maps, g.view(1, 1, 1, size).expand(groups, 1, 1, size).contiguous(), groups=groups)
+    maps = F.conv2d(maps, g.view(1, 1, size, 1).expand(groups, 1, size, 1).contiguous(), groups=groups)[0].double()
+    mu_a, mu_b, aa, bb, ab = maps.unflatten(0, (5, a.shape[0]))
     var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
