@@ -5,7 +5,7 @@ extractor learned on the folder itself, without labels and without downloads
 (:func:`patch_dictionary_features`: a single-layer network whose filters are k-means centres
 of whitened image patches, Coates, Lee & Ng, AISTATS 2011). A randomly initialised CNN
 (:func:`surrogate_features`) is the other choice; its clusters follow the classes far less
-(measured in docs/photos.md).
+(`benchmarks/p2_pseudo_labels.py` compares the two on Imagenette).
 """
 
 from __future__ import annotations

@@ -185,11 +185,11 @@ def _shrunk_rows(rows: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
 
 # Settings chosen from the folder ------------------------------------------------------------
 # The paper's values (batch 512, step 0.8/255, 32 px) are what these rules give at the sizes
-# the paper used (CIFAR-10: 50,000 images of 32 px); configs/em-*.yaml say so beside each key.
+# the paper used (CIFAR-10: 50,000 images of 32 px); configs/em-*.yaml name the rules beside each key.
 
 #: images with a shorter side of at least this many pixels are photos
 PHOTO_SIDE = 64
-#: the working resolution of photos (measured: docs/photos.md)
+#: the working resolution of photos (`benchmarks/p2_auto.py` compares resolutions on Imagenette)
 PHOTO_RESOLUTION = 64
 PAPER_BATCH, PAPER_STEP = 512, 0.8 / 255
 
