@@ -165,6 +165,17 @@ def unsafe_member_reason(name: str) -> str | None:
     return None
 
 
+def _write_file(target: Path, data: bytes) -> str | None:
+    """Write ``data`` to ``target`` atomically; why it could not be written, or None."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(target, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        return f"cannot write {target} ({exc.strerror or exc})"
+    return None
+
+
 def _left_out(record: Record, protected: bytes | None) -> bool:
     """Whether a record is missing from the output: refused, unreadable, or its image failed."""
     return record.payload is None or (record.image is not None and protected is None)
@@ -264,14 +275,9 @@ class ImageFolderFormat(ExportFormat):
             if _left_out(record, protected):
                 continue
             out_rel, original = record.payload
-            data = protected if record.image is not None else original
-            target = dest / out_rel
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_open(target, "wb") as handle:
-                    handle.write(data)
-            except OSError as exc:
-                failures.append((record.key, f"cannot write {target} ({exc.strerror or exc})"))
+            problem = _write_file(dest / out_rel, protected if record.image is not None else original)
+            if problem:
+                failures.append((record.key, problem))
         return failures
 
 
@@ -356,13 +362,9 @@ class _ManifestFormat(ExportFormat):
             if _left_out(record, protected):
                 continue
             row, out = record.payload
-            target = dest / out
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_open(target, "wb") as handle:
-                    handle.write(protected)
-            except OSError as exc:
-                failures.append((record.key, f"cannot write {target} ({exc.strerror or exc})"))
+            problem = _write_file(dest / out, protected)
+            if problem:
+                failures.append((record.key, problem))
                 continue
             rows.append({**row, self.columns.image: out})
         with atomic_open(part, "w", encoding="utf-8") as handle:
