@@ -92,8 +92,9 @@ def describe_choices(settings: Sequence[AutoSetting], record: dict[str, dict[str
     """One line for the user: ``batch_size=24, step_size=2/255 (from 244 images, 2 classes)``."""
     by_key = {s.key: s for s in settings}
     values = ", ".join(f"{key}={by_key[key].shown(entry['value'])}" for key, entry in record.items())
-    sources = sorted({entry["from"] for entry in record.values()})
-    return f"{values} (from {'; '.join(sources)})"
+    # Rules applied at different times saw the same folder: name each fact once.
+    facts = list(dict.fromkeys(part for entry in record.values() for part in entry["from"].split(", ")))
+    return f"{values} (from {', '.join(facts)})"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 - Every record has a label and there are at least two classes: the source's labels (classes
   sorted by name).
-- Otherwise, for a method that needs labels: k-means pseudo-labels on surrogate features
-  (``pseudo_label_k`` clusters, at most one per image), so a flat folder, a folder with one
-  class subfolder or an export without a label column is still protected.
+- Otherwise, for a method that needs labels: k-means pseudo-labels (``pseudo_label_k``
+  clusters, at most one per image) on features learned from the images themselves
+  (:func:`protect.cluster.pseudo_labels`), so a flat folder, a folder with one class subfolder
+  or an export without a label column is still protected; the output says which features.
 - Otherwise: no labels.
 
 A fit that is kept to protect *later* images by class (class-wise noise fitted once for an
@@ -18,9 +19,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protect.cluster import pseudo_labels
+from protect.cluster import PSEUDO_LABEL_FEATURES, pseudo_labels
 from protect.generator import Generator
 from protect.progress import NullReporter, Reporter
+
+
+#: the feature extractors of pseudo-labels, as the output names them
+FEATURES_IN_WORDS = {
+    "patch-kmeans": "features learned from the images' own patches (Coates et al. 2011)",
+    "random-cnn": "features of a randomly initialised small CNN",
+}
 
 
 @dataclass
@@ -67,11 +75,12 @@ def labels_for_fit(
     if not generator.needs_labels:
         return FitLabels(None)
     k = min(generator.config.pseudo_label_k, len(images))
+    features = FEATURES_IN_WORDS[PSEUDO_LABEL_FEATURES[0]]
     (reporter or NullReporter()).message(
         f"{where or 'the source'} has no labels with two classes or more: {generator.name} needs labels, so the "
-        f"{len(images)} images are clustered into {k} pseudo-classes by k-means on surrogate features"
+        f"{len(images)} images are clustered into {k} pseudo-classes by k-means on {features}"
     )
     if k < 2:
         return FitLabels(torch.zeros(len(images), dtype=torch.long), source="pseudo (one image)")
     labels = pseudo_labels(images, k, surrogate=generator.config.surrogate, device=generator.device, seed=generator.seed)
-    return FitLabels(labels, source=f"pseudo (k-means on surrogate features, k={k})")
+    return FitLabels(labels, source=f"pseudo (k-means on {features}, k={k})")
