@@ -246,6 +246,8 @@ def label(name: str, settings: dict[str, Any] | None = None) -> str:
         return name
     eps = (settings or {}).get("eps", parameter.default)
     return f"{name} ({eps * 255:.3g}/255)"
+
+
 def row_name(name: str, settings: dict[str, Any]) -> str:
     """The name of a countermeasure's row on the card; a countermeasure run at several settings
     (diffusion purification at several t*) gets one row per setting."""

@@ -347,8 +347,8 @@ def run_cell(
     countermeasure = build_countermeasure(cell.countermeasure, **settings, **(resources or {}).get(cell.countermeasure, {}))
     if cell.victim in CONTRASTIVE_VICTIMS:
         return _run_contrastive_cell(cell, train, data, countermeasure, device=device, reporter=reporter)
-    model = build_classifier(cell.victim, len(data.clean.classes), seed=cell.seed, image_size=data.clean.images.shape[-1])
     size = data.clean.images.shape[-1]
+    model = build_classifier(cell.victim, len(data.clean.classes), seed=cell.seed, image_size=size)
     config = victim_train_config(cell.victim, cell.epochs, len(train), size)
     title = f"{cell.victim} / {cell.countermeasure} / {cell.data} / seed {cell.seed}"
     with reporter.phase(title, total=cell.epochs) as phase:

@@ -274,7 +274,6 @@ def _run_locked(
     fit_record = {"how": fit.description, "labels": fit.labels,
                   **{k: v for k, v in fit.info.items() if k not in ("fitted_now", "auto_settings")},
                   "config": fit.spec.config, "auto_settings": {**chosen, **fit.info.get("auto_settings", {})}}
-    summary.auto_settings = fit_record["auto_settings"]
     journal.fitted(fit_record)
     try:
         _apply_phase(job, fit, fmt, units, done, journal, workers, summary, reporter)
