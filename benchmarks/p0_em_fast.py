@@ -31,8 +31,8 @@ from tables import command_line, print_markdown_table, write_table  # noqa: E402
 METHOD = "em-samplewise"
 
 
-def protected_images(sets: list[str], subset: Path, per_class: int, state_file: Path):
-    """The P0 train subset with the noise of a finished fit (its state file) added."""
+def protected_images(sets: list[str], subset: Path, per_class: int, state_file: Path, method: str = METHOD):
+    """The P0 train subset with the noise of a finished fit of ``method`` (its state file) added."""
     from safetensors.torch import load_file
 
     from attacks.data import ImageSet, load_image_folder
@@ -40,9 +40,9 @@ def protected_images(sets: list[str], subset: Path, per_class: int, state_file: 
     from protect.config import parse_overrides
     from protect.generator import Batch, bounded_perturbation, create_generator, resolve_config
 
-    config = resolve_config(METHOD, overrides=parse_overrides(sets))
+    config = resolve_config(method, overrides=parse_overrides(sets))
     data = load_image_folder(subset, size=config.resolution, per_class=per_class)
-    generator = create_generator(METHOD, config, seed=0)
+    generator = create_generator(method, config, seed=0)
     generator.load_state_dict(load_file(str(state_file)))
     index = torch.arange(len(data))
     with torch.no_grad():
@@ -50,12 +50,16 @@ def protected_images(sets: list[str], subset: Path, per_class: int, state_file: 
     return ImageSet(perturb_uint8(data.images, delta, config.eps), data.labels, data.classes, data.paths)
 
 
-def victim_accuracies(train, test, seeds: int) -> list[float]:
+def victim_accuracies(train, test, seeds: int, countermeasure: str = "none") -> list[float]:
+    """Final test accuracy % of small-CNN victims (15 epochs) trained on ``train`` with ``countermeasure``."""
+    from attacks.countermeasures import build_countermeasure
     from attacks.train import TrainConfig, train_classifier
     from protect.models import build_classifier
 
+    attack = build_countermeasure(countermeasure)
     return [100 * train_classifier(build_classifier("small-cnn", len(test.classes), seed=seed), train, test,
-                                   TrainConfig(epochs=15), seed=seed).final for seed in range(seeds)]
+                                   TrainConfig(epochs=15), seed=seed, data_transform=attack.data_transform,
+                                   batch_loss=attack.batch_loss).final for seed in range(seeds)]
 
 
 def mean_sd(values: list[float]) -> str:
