@@ -101,9 +101,11 @@ README_METHODS = [
     Headline("t2ue", "noise from each image's caption alone, by a trained text-to-noise generator (Ma et al., 2025)",
              "p0-t2ue", "t2ue class-wise", "small CNN acc %",
              "Class-wise, from template captions, with a small CLIP trained from scratch as the surrogate."),
-    Headline("em-robust", "robust error-minimising noise, one per image, optimised through adversarial training and "
-             "JPEG/grayscale/augmentation (Fu et al., ICLR 2022, with EOT)", None),
-    Headline("em-robust-classwise", "robust error-minimising noise, one per class (as em-robust)", None),
+    Headline("em-robust", "robust error-minimising noise, one per image, optimised through JPEG/grayscale/augmentation "
+             "and optionally adversarial training (Fu et al., ICLR 2022, with EOT)", "p0-verify-robust-small-cnn", "none",
+             "em-robust", "One victim seed."),
+    Headline("em-robust-classwise", "robust error-minimising noise, one per class (as em-robust)", "p0-em-robust-variants",
+             "class-wise, EOT only (the defaults)", "victim % (none)", "One victim seed."),
 ]
 # The reference the headline numbers are read against: a victim trained on the clean images.
 CLEAN_REFERENCE = Headline("clean", "", "p0", "clean", "small CNN test acc % (final)")

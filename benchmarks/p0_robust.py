@@ -73,6 +73,7 @@ def store_table(store: dict, countermeasures: list[str]) -> None:
                      summary.get("rounds_run"), summary.get("final_error"),
                      *[None if v is None else round(v[0], 1) for v in victims]])
     print_markdown_table(columns, rows)
+    provenance = "".join(f" {name}: {record['note']}." for name, record in store.items() if record.get("note"))
     write_table("p0-em-robust-variants", title="Robust error-minimising noise: variants (P0)", command=command_line(),
                 protocol="P0", columns=columns, rows=rows,
                 notes="Each variant fitted once (seed 0) on the 10,000 P0 train images in a fresh process (fit only, "
@@ -80,7 +81,7 @@ def store_table(store: dict, countermeasures: list[str]) -> None:
                       "the fit stopped (the stop rule's target is stop_error). Victims: small CNN, 15 epochs, seed 0, "
                       "trained on the protected images with the countermeasure named in the column, final accuracy "
                       "on the 2,000 clean P0 test images (clean training: 74.8%, JPEG 68.8%, grayscale 73.5%, "
-                      "adversarial training at 4/255 64.0%; table p0-verify-robust-small-cnn).")
+                      "adversarial training at 4/255 64.0%; table p0-verify-robust-small-cnn)." + provenance)
 
 
 def main() -> None:

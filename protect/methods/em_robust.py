@@ -17,7 +17,9 @@ maximisation and the transformations. The stop criterion is scored on that robus
   working resolution, and the class-wise one its batch and step size, from the folder as their
   error-minimising counterparts do (the step from REM's 1.6/255 at batch 512).
 Defaults: REM's official code (fshp971/robust-unlearnable-examples) where it fits a CPU, and
-ours where it does not; see ``configs/em-robust*.yaml``.
+ours where it does not: the YAML defaults drop the adversary (``rho_a: 0``), since on a CPU
+budget the min-min-max fit did not converge and its noise protected under nothing, while EOT
+alone converges; see ``configs/em-robust*.yaml``.
 """
 
 from __future__ import annotations
