@@ -12,6 +12,10 @@ needs pretrained weights or a trained generator) are listed with the reason.
     python benchmarks/speed.py --methods em-samplewise,random --sizes 2500
     python benchmarks/speed.py --set clusters:surrogate=small-cnn --set clusters:surrogate_weights=W.safetensors
     python benchmarks/speed.py --set em-samplewise:fast=false   # the paper's loop
+
+The stored table keeps the rows of methods not measured in this call, so methods with very
+different costs can be measured one call at a time into one table; each row names the options it
+ran with.
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ def child_fit(method: str, overrides: dict, subset: Path, n: int, state_file: Pa
     generator.fit(data.images, labels)
     seconds = time.perf_counter() - started
     save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(state_file))
-    return {"seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "rss_before_mib": before, "fit": generator.fit_summary()}
+    phases = {name: round(t, 1) for name, t in getattr(generator, "phase_seconds", {}).items()}
+    return {"seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "rss_before_mib": before, "fit": generator.fit_summary(),
+            "phases": phases}
 
 
 def child_apply(method: str, overrides: dict, subset: Path, n: int, state_file: Path) -> dict:
@@ -145,26 +151,53 @@ def main() -> None:
                     print(f"{method} N={n}: cannot run: {apply['error']}", file=sys.stderr, flush=True)
                     break  # a larger N fails the same way
                 row = [method, n, round(n / fit["seconds"], 1), round(fit["seconds"], 1), round(fit["peak_rss_mib"]),
-                       round(n / apply["seconds"], 1), round(apply["peak_rss_mib"]), fit["fit"].get("rounds_run")]
+                       round(n / apply["seconds"], 1), round(apply["peak_rss_mib"]), fit["fit"].get("rounds_run"),
+                       ", ".join(f"{name} {t}" for name, t in fit["phases"].items()) or None]
                 rows.append(row)
                 print(f"{method} N={n}: fit {fit['seconds']:.1f} s ({row[2]} img/s, peak {row[4]} MiB), "
                       f"apply {apply['seconds']:.2f} s ({row[5]} img/s, peak {row[6]} MiB)", file=sys.stderr, flush=True)
 
-    columns = ["method", "N", "fit img/s", "fit s", "fit peak RSS MiB", "apply img/s", "apply peak RSS MiB", "rounds"]
-    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join("–" if c is None else str(c) for c in row) + " |")
-    for method, n, reason in skipped:
-        print(f"- {method}: not measured ({reason})")
-    from tables import write_table
+    columns = ["method", "N", "fit img/s", "fit s", "fit peak RSS MiB", "apply img/s", "apply peak RSS MiB", "rounds",
+               "fit phases s", "options"]
+    rows = [row + [options_text(per_method[row[0]])] for row in rows]
+    rows += [[method, n, *[None] * 7, f"not measured: {reason}"] for method, n, reason in skipped]
+    from tables import TABLES_DIR, print_markdown_table, write_table
 
-    options = "; ".join(f"{m}: {', '.join(s)}" for m, s in per_method.items() if s)
-    notes = (f"Fit and apply in separate processes on tensors in memory (no file I/O); peak RSS of each process, "
-             f"{torch.get_num_threads()} threads." + (f" Options: {options}." if options else "")
-             + "".join(f" {m} not measured: {reason}." for m, _, reason in skipped))
-    write_table(args.table, title="Speed of each method against N (P0 train subset)",
-                command="python benchmarks/speed.py " + " ".join(sys.argv[1:]), protocol="P0",
-                columns=columns, rows=rows, notes=notes)
+    print_markdown_table(columns, rows)
+    measured = {(method, options_text(per_method[method])) for method in methods}
+    rows, commands = merged_with_stored(TABLES_DIR / f"{args.table}.json", columns, rows, measured, registered)
+    commands.append("python benchmarks/speed.py " + " ".join(sys.argv[1:]))
+    write_table(args.table, title="Speed of each method against N (P0 train subset)", section="Cost: speed and memory",
+                command="; ".join(dict.fromkeys(commands)), protocol="P0", columns=columns, rows=rows,
+                notes=(f"Fit and apply in separate processes on tensors in memory (no file I/O); peak RSS of each "
+                       f"process, {torch.get_num_threads()} threads. rounds: the fit's outer rounds (its stop rule "
+                       "decides how many). fit phases: seconds of an error-minimising fit spent training the "
+                       "surrogate, optimising the noise and scoring the stop criterion in a separate pass. A row "
+                       "whose options shorten the fit (fewer steps or epochs than the default) times that shorter "
+                       "fit: its cost grows in proportion to them. A method that cannot run offline with the "
+                       "options given is listed with the reason."))
+
+
+def options_text(settings: list[str]) -> str:
+    return ", ".join(settings) or "defaults"
+
+
+def merged_with_stored(path: Path, columns: list[str], rows: list[list], measured: set[tuple[str, str]],
+                       registered: list[str]) -> tuple[list[list], list[str]]:
+    """``rows`` with the stored table's rows of the (method, options) not measured now, in
+    registry order, and the commands that measured them."""
+    if not path.exists():
+        return rows, []
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    if stored["columns"] != columns:
+        return rows, []  # a table of another layout is replaced, not mixed with
+    remeasured = {method for method, _ in measured}
+    kept = [row for row in stored["rows"] if (row[0], row[-1]) not in measured
+            and not (row[0] in remeasured and row[-1].startswith("not measured"))]
+    order = {method: i for i, method in enumerate(registered)}
+    merged = sorted(kept + rows, key=lambda row: (order.get(row[0], len(order)), row[-1], row[1]))
+    commands = stored["command"].split("; ") if kept else []
+    return merged, commands
 
 
 def child_main(argv: list[str]) -> None:
