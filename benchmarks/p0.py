@@ -47,6 +47,15 @@ def build_subset(source: Path, dest: Path, per_class: int, offset: int = 0) -> P
     return dest
 
 
+def p0_data(shared: Path, work: Path):
+    """The P0 train subset (a folder of links under ``work``) and the 2,000-image clean test set,
+    or exit naming the missing CIFAR-10 folder."""
+    cifar = shared / "data" / "cifar10"
+    if not cifar.is_dir():
+        sys.exit(f"{cifar} not found: P0 needs the shared CIFAR-10 folder")
+    return build_subset(cifar / "train", work / "train-subset", 1000), load_image_folder(cifar / "test", per_class=200)
+
+
 def generate(method: str, subset: Path, out: Path, seed: int, extra: tuple[str, ...] = ()) -> dict:
     """Run `protect run` (with ``extra`` arguments) in a child process; wall time and the child's peak RSS."""
     cmd = [sys.executable, "-m", "protect.cli", "run", method, str(subset), str(out), "--seed", str(seed), "--overwrite",
@@ -108,12 +117,8 @@ def main() -> None:
     parser.add_argument("--table", default="p0", help="name of the stored table (benchmarks/results/tables/NAME.json)")
     args = parser.parse_args()
 
-    cifar = args.shared / "data" / "cifar10"
-    if not cifar.is_dir():
-        sys.exit(f"{cifar} not found: P0 needs the shared CIFAR-10 folder")
     torch.set_num_threads(os.cpu_count() or 1)
-    subset = build_subset(cifar / "train", args.work / "train-subset", 1000)
-    test = load_image_folder(cifar / "test", per_class=200)
+    subset, test = p0_data(args.shared, args.work)
     clean = load_image_folder(subset, classes=test.classes)
 
     mixes = [float(m) for m in args.mix.split(",")]

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from p0 import build_subset  # noqa: E402
+from p0 import p0_data  # noqa: E402
 from speed import run_child  # noqa: E402
 from tables import command_line, print_markdown_table, write_table  # noqa: E402
 
@@ -79,13 +79,7 @@ def main() -> None:
     parser.add_argument("--table", default="p0-em-samplewise-fast")
     args = parser.parse_args()
 
-    from attacks.data import load_image_folder
-
-    cifar = args.shared / "data" / "cifar10"
-    if not cifar.is_dir():
-        sys.exit(f"{cifar} not found: P0 needs the shared CIFAR-10 folder")
-    subset = build_subset(cifar / "train", args.work / "train-subset", 1000)
-    test = load_image_folder(cifar / "test", per_class=200)
+    subset, test = p0_data(args.shared, args.work)
     runs = {"paper loop (fast=false)": ["fast=false"], "fast path (defaults)": list(args.set)}
     n = 10 * args.per_class
     fits: dict[str, list[dict]] = {name: [] for name in runs}

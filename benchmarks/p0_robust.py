@@ -24,10 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from p0 import build_subset  # noqa: E402
+from p0 import p0_data  # noqa: E402
 from p0_em_fast import protected_images, victim_accuracies  # noqa: E402
 from speed import run_child  # noqa: E402
 from tables import command_line, print_markdown_table, write_table  # noqa: E402
+
+#: the table's columns: the countermeasures a robust variant is judged under
+COUNTERMEASURES = ["none", "jpeg", "grayscale", "adv-training-4"]
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str]]:
@@ -89,7 +92,7 @@ def main() -> None:
     parser.add_argument("variants", nargs="*", help="NAME=METHOD[:KEY=VALUE,...]")
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "p0")
-    parser.add_argument("--countermeasures", default="none,jpeg,grayscale,adv-training-4")
+    parser.add_argument("--countermeasures", default=",".join(COUNTERMEASURES), help="a subset of the default")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     countermeasures = args.countermeasures.split(",")
@@ -101,16 +104,10 @@ def main() -> None:
         results.write_text(json.dumps(store, indent=1) + "\n")
 
     if not args.table_only:
-        from attacks.data import load_image_folder
-
-        cifar = args.shared / "data" / "cifar10"
-        if not cifar.is_dir():
-            sys.exit(f"{cifar} not found: P0 needs the shared CIFAR-10 folder")
-        subset = build_subset(cifar / "train", args.work / "train-subset", 1000)
-        test = load_image_folder(cifar / "test", per_class=200)
+        subset, test = p0_data(args.shared, args.work)
         for variant in args.variants:
             measure(store, variant, subset, test, countermeasures, save)
-    store_table(store, ["none", "jpeg", "grayscale", "adv-training-4"])
+    store_table(store, COUNTERMEASURES)
 
 
 if __name__ == "__main__":
