@@ -14,6 +14,7 @@ so a long benchmark can be run a step at a time:
     python benchmarks/p0_clusters.py ssl-long --ssl-epochs 60         # a longer one, probed every 5 epochs (surrogate ssl-e60)
     python benchmarks/p0_clusters.py fit ssl 16/255 --cluster-epochs 10
     python benchmarks/p0_clusters.py em-pseudo ssl 16/255             # em-classwise on the SSL clusters
+    python benchmarks/p0_clusters.py fit ssl 16/255 --k 30            # 30 clusters instead of 10 (row clusters-ssl-16-k30)
     python benchmarks/p0_clusters.py victims clean,clusters-ssl-16 --labels true,coarse,kmeans --seeds 3
     python benchmarks/p0_clusters.py table                            # print and store the table
 """
@@ -93,6 +94,8 @@ def run_measured(cmd: list[str]) -> dict:
 
 
 def protect_cli(*args: str) -> list[str]:
+    """A ``protect`` command line; the P0 folders are links into the shared data, outside them,
+    so every ``run`` here also passes ``--allow-outside``."""
     return [sys.executable, "-m", "protect.cli", *args]
 
 
@@ -216,23 +219,39 @@ def surrogate_settings(bench: Bench, surrogate: str) -> dict[str, str]:
                      "supervised or clip-random")
 
 
-def row_name(kind: str, surrogate: str, eps: str) -> str:
-    return f"{kind}-{surrogate}-{eps.split('/')[0]}"
+def row_name(kind: str, surrogate: str, eps: str, k: int = 10) -> str:
+    """clusters-SURROGATE-EPS or em-pseudo-SURROGATE-EPS, with -kK when the clusters are not 10."""
+    return f"{kind}-{surrogate}-{eps.split('/')[0]}" + (f"-k{k}" if k != 10 else "")
+
+
+def row_parts(name: str) -> tuple[str, str, str, int]:
+    """The inverse of :func:`row_name`: kind, surrogate, eps numerator, K."""
+    kind = "em-pseudo" if name.startswith("em-pseudo-") else "clusters"
+    rest, k = name[len(kind) + 1:], 10
+    head, _, tail = rest.rpartition("-k")
+    if head and tail.isdigit():
+        rest, k = head, int(tail)
+    surrogate, eps = rest.rsplit("-", 1)
+    return kind, surrogate, eps, k
+
+
+def pseudo_folder(bench: Bench, surrogate: str, k: int) -> Path:
+    return bench.work / (f"pseudo-{surrogate}" + (f"-k{k}" if k != 10 else ""))
 
 
 # protection ---------------------------------------------------------------------------------
 
 
-def fit_clusters(bench: Bench, surrogate: str, eps: str, epochs: int, seed: int) -> dict:
-    name = row_name("clusters", surrogate, eps)
+def fit_clusters(bench: Bench, surrogate: str, eps: str, epochs: int, seed: int, k: int) -> dict:
+    name = row_name("clusters", surrogate, eps, k)
     rows = bench.results.setdefault("rows", {})
     if name in rows:
         return rows[name]
-    settings = {**surrogate_settings(bench, surrogate), "resolution": "32", "epochs": str(epochs)}
+    settings = {**surrogate_settings(bench, surrogate), "resolution": "32", "epochs": str(epochs), "clusters": str(k)}
     extra = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
     out = bench.work / name
     measured = run_measured(protect_cli("run", "clusters", str(bench.subset), str(out), "--eps", eps, "--seed", str(seed),
-                                        "--overwrite", *extra))
+                                        "--overwrite", "--allow-outside", *extra))
     record = json.loads((out / "protection.json").read_text())
     rows[name] = {**measured, "settings": settings, "eps": eps, "seed": seed, "fit": record["fit"],
                   "psnr": record["summary"]["mean_psnr_db"]}
@@ -240,15 +259,15 @@ def fit_clusters(bench: Bench, surrogate: str, eps: str, epochs: int, seed: int)
     return rows[name]
 
 
-def pseudo_label_folder(bench: Bench, surrogate: str, seed: int) -> tuple[Path, dict]:
+def pseudo_label_folder(bench: Bench, surrogate: str, seed: int, k: int) -> tuple[Path, dict]:
     """The protected subset re-filed by the surrogate's k-means clusters (cluster-K/CLASS__FILE
     symlinks): what a user without labels would feed em-classwise. The clusters are the ones
     `clusters` fits (same surrogate, K and seed)."""
-    settings = {**surrogate_settings(bench, surrogate), "resolution": 32}
+    settings = {**surrogate_settings(bench, surrogate), "resolution": 32, "clusters": k}
     generator = create_generator("clusters", resolve_config("clusters", overrides=settings), seed=seed)
     clean = load_image_folder(bench.subset)
     assignments, _ = generator.cluster(clean.images)
-    folder = bench.work / f"pseudo-{surrogate}"
+    folder = pseudo_folder(bench, surrogate, k)
     for path, cluster in zip(clean.paths, assignments.tolist()):
         link = folder / f"cluster-{cluster}" / path.replace("/", "__")
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -257,15 +276,15 @@ def pseudo_label_folder(bench: Bench, surrogate: str, seed: int) -> tuple[Path, 
     return folder, cluster_quality(assignments, clean.labels)
 
 
-def fit_em_pseudo(bench: Bench, surrogate: str, eps: str, seed: int) -> dict:
-    name = row_name("em-pseudo", surrogate, eps)
+def fit_em_pseudo(bench: Bench, surrogate: str, eps: str, seed: int, k: int) -> dict:
+    name = row_name("em-pseudo", surrogate, eps, k)
     rows = bench.results.setdefault("rows", {})
     if name in rows:
         return rows[name]
-    folder, quality = pseudo_label_folder(bench, surrogate, seed)
+    folder, quality = pseudo_label_folder(bench, surrogate, seed, k)
     out = bench.work / name
     measured = run_measured(protect_cli("run", "em-classwise", str(folder), str(out), "--eps", eps, "--seed", str(seed),
-                                        "--overwrite"))
+                                        "--overwrite", "--allow-outside"))
     record = json.loads((out / "protection.json").read_text())
     rows[name] = {**measured, "eps": eps, "seed": seed, "fit": {**record["fit"], "cluster_quality": quality},
                   "psnr": record["summary"]["mean_psnr_db"]}
@@ -280,8 +299,8 @@ def protected_set(bench: Bench, name: str, clean: ImageSet) -> ImageSet:
         assert protected.paths == clean.paths
         return protected
     # em-classwise ran on the pseudo-label folder: map cluster-K/CLASS__FILE back to CLASS/FILE.
-    surrogate = name[len("em-pseudo-"):].rsplit("-", 1)[0]
-    _, protected = load_pairs(bench.work / name, bench.work / f"pseudo-{surrogate}")
+    _, surrogate, _, k = row_parts(name)
+    _, protected = load_pairs(bench.work / name, pseudo_folder(bench, surrogate, k))
     position = {Path(path).name.replace("__", "/"): i for i, path in enumerate(protected.paths)}
     order = torch.tensor([position[path] for path in clean.paths])
     return ImageSet(protected.images[order], clean.labels.clone(), clean.classes, clean.paths)
@@ -336,15 +355,16 @@ def describe_row(bench: Bench, name: str, row: dict | None) -> list:
     the classes, how far the generators moved the features, and what the generation cost."""
     if name == "clean":
         return ["clean (no protection)", "–", "–", None, None, None, None, None, None, None]
-    pseudo = name.startswith("em-pseudo-")
-    surrogate, eps = name.split("-", 2 if pseudo else 1)[-1].rsplit("-", 1)
+    kind, surrogate, eps, k = row_parts(name)
+    pseudo = kind == "em-pseudo"
     fit = (row or {}).get("fit", {})
     quality = fit.get("cluster_quality") or {}
     kl = fit.get("kl") or []
     kl_text = f"{statistics.mean(k['start'] for k in kl):.3f} → {statistics.mean(k['end'] for k in kl):.3f}" if kl else None
     hits = round(100 * statistics.mean(k["hit_rate"] for k in kl)) if kl else None
     label = surrogate_label(bench, surrogate)
-    what = f"em-classwise on pseudo-labels ({label}, {eps}/255)" if pseudo else f"clusters ({label}, {eps}/255)"
+    what = (f"em-classwise on pseudo-labels ({label}, {eps}/255, K={k})" if pseudo
+            else f"clusters ({label}, {eps}/255, K={k})")
     purity = round(100 * quality["purity"], 1) if quality else None
     return [what, label, f"{eps}/255", (row or {}).get("settings", {}).get("epochs"), quality.get("nmi"), purity, kl_text,
             hits, round(row["seconds"]) if row else None, row.get("peak_rss_mib") if row else None]
@@ -442,6 +462,7 @@ def main() -> None:
     parser.add_argument("--probe-every", type=int, default=5, help="ssl-long: epochs between k-NN / cluster probes")
     parser.add_argument("--cluster-epochs", type=int, default=50, help="generator epochs per cluster (official 50)")
     parser.add_argument("--seed", type=int, default=0, help="generation seed")
+    parser.add_argument("--k", type=int, default=10, help="fit / em-pseudo: number of clusters (rows get -kK unless 10)")
     parser.add_argument("--labels", default="true,coarse,kmeans")
     parser.add_argument("--seeds", type=int, default=3, help="victim seeds")
     parser.add_argument("--epochs", type=int, default=15, help="victim epochs")
@@ -456,10 +477,10 @@ def main() -> None:
         print(json.dumps(train_supervised(bench), indent=2))
     elif args.step == "fit":
         surrogate, eps = args.args
-        print(json.dumps(fit_clusters(bench, surrogate, eps, args.cluster_epochs, args.seed)["fit"], indent=2))
+        print(json.dumps(fit_clusters(bench, surrogate, eps, args.cluster_epochs, args.seed, args.k)["fit"], indent=2))
     elif args.step == "em-pseudo":
         surrogate, eps = args.args
-        print(json.dumps(fit_em_pseudo(bench, surrogate, eps, args.seed)["fit"], indent=2))
+        print(json.dumps(fit_em_pseudo(bench, surrogate, eps, args.seed, args.k)["fit"], indent=2))
     elif args.step == "victims":
         victims(bench, args.args[0].split(","), args.labels.split(","), args.seeds, args.epochs)
     else:
